@@ -1,0 +1,106 @@
+"""The interface every VMM backend implements, and the values it exchanges.
+
+The pod owns one `Vmm`. Calls are made in this order: `start` (process up, VM
+booted, agent socket path known), any number of `add_disk`/`remove_disk` and
+`add_net`/`remove_net`, then `shutdown`. `wait` returns when the VMM process has
+exited for any reason. Everything a backend creates on the host lives under
+`VmSpec.state_dir` or is a child process, so cleanup from persisted state is
+"kill the recorded pids, remove the directory".
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class VmmError(Exception):
+    """The VMM refused or failed an operation; the message names both."""
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A disk to attach. `id` is unique per VM; `serial` is what the guest sees."""
+
+    id: str
+    path: Path
+    serial: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """A TAP device (already in the VMM's netns) and the guest MAC to give it."""
+
+    id: str
+    tap: str
+    mac: str
+    mtu: int = 1500
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything needed to boot one pod VM."""
+
+    state_dir: Path  # owned by the VM: sockets, logs, shared memory files
+    kernel: Path
+    rootfs: Path  # the guest's read-only root disk, attached at boot
+    kernel_args: str
+    vcpus: int
+    max_vcpus: int
+    memory_mib: int
+    netns: Path | None = None  # run the VMM inside this network namespace
+    disks: tuple[DiskSpec, ...] = ()
+    nets: tuple[NetSpec, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class VmProcesses:
+    """Host processes a VM consists of, persisted for crash cleanup."""
+
+    vmm_pid: int
+    vmm_start_time: int  # /proc/<pid>/stat field 22: guards against pid reuse
+    helper_pids: tuple[tuple[int, int], ...] = ()  # (pid, start_time), e.g. vhost-device-vsock
+
+
+class Vmm(abc.ABC):
+    """One VM and the host processes behind it."""
+
+    @abc.abstractmethod
+    async def start(self) -> VmProcesses:
+        """Launch the VMM and boot the guest. Raises VmmError; leaves nothing behind on failure."""
+
+    @property
+    @abc.abstractmethod
+    def agent_socket(self) -> Path:
+        """The hybrid-vsock Unix socket (`CONNECT <port>\\n` → `OK <n>\\n`)."""
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int:
+        """The VMM process id (the sandbox task's pid)."""
+
+    @abc.abstractmethod
+    async def add_disk(self, disk: DiskSpec) -> None:
+        """Hot-plug a virtio-blk disk; returns once the VMM has accepted it."""
+
+    @abc.abstractmethod
+    async def remove_disk(self, disk_id: str) -> None:
+        """Hot-unplug a disk added with `add_disk`."""
+
+    @abc.abstractmethod
+    async def add_net(self, net: NetSpec) -> None:
+        """Hot-plug a virtio-net device backed by a TAP."""
+
+    @abc.abstractmethod
+    async def remove_net(self, net_id: str) -> None:
+        """Hot-unplug a NIC added with `add_net`."""
+
+    @abc.abstractmethod
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the VM and every helper process; kill after `timeout` seconds."""
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """Wait for the VMM process to exit; returns its exit status."""
