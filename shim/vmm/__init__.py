@@ -1,0 +1,1 @@
+"""VMM backends: one `Vmm` interface, Cloud Hypervisor (REST) and QEMU (QMP)."""

@@ -1,0 +1,28 @@
+"""Builds the configured VMM backend for a pod."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shim.vmm.base import Vmm, VmmError, VmSpec
+
+if TYPE_CHECKING:
+    from shim.config import Config
+
+
+def create_vmm(config: Config, spec: VmSpec) -> Vmm:
+    if config.vmm == "qemu":
+        from shim.vmm.qemu import QemuOptions, QemuVmm
+
+        return QemuVmm(
+            spec,
+            QemuOptions(
+                binary=config.qemu.binary,
+                accel=config.qemu.accel,
+                vsock_backend=config.qemu.vsock_backend,
+                hotplug_slots=config.qemu.hotplug_slots,
+            ),
+        )
+    raise VmmError(
+        f"vmm {config.vmm!r} is not available in this build; allowed values: 'qemu'"
+    )

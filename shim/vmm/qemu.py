@@ -1,0 +1,314 @@
+"""QEMU backend: q35 with pre-created PCIe root ports for hotplug, QMP for control,
+and vsock through one vhost-device-vsock per VM, which exposes the same hybrid-vsock
+Unix socket as Cloud Hypervisor (`CONNECT <port>\\n` → `OK <n>\\n`).
+
+Host files live in `VmSpec.state_dir`; host processes are QEMU and the vsock
+backend, both recorded in `VmProcesses` for crash cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim.vmm.base import DiskSpec, NetSpec, Vmm, VmmError, VmProcesses, VmSpec
+from shim.vmm.procs import process_start_time
+from shim.vmm.qmp import QmpClient
+
+log = logging.getLogger(__name__)
+
+GUEST_CID = 3  # each VM has its own vsock backend, so every guest can use the same CID
+VIRTIO_BLK_SERIAL_MAX = 20  # VIRTIO_BLK_ID_BYTES
+
+
+@dataclass(frozen=True)
+class QemuOptions:
+    binary: Path
+    accel: str  # "tcg" | "kvm"
+    vsock_backend: Path
+    hotplug_slots: int = 8
+
+
+class QemuVmm(Vmm):
+    def __init__(self, spec: VmSpec, options: QemuOptions) -> None:
+        self._spec = spec
+        self._options = options
+        self._dir = spec.state_dir
+        self._qemu: asyncio.subprocess.Process | None = None
+        self._vsock: asyncio.subprocess.Process | None = None
+        self._qmp: QmpClient | None = None
+        self._slots: dict[str, int] = {}  # device id -> root port index
+        self._exit_status: int | None = None
+        self._reaper: asyncio.Task[int] | None = None
+
+    # -- paths -------------------------------------------------------------
+    @property
+    def agent_socket(self) -> Path:
+        return self._dir / "vsock.sock"
+
+    @property
+    def _vhost_socket(self) -> Path:
+        return self._dir / "vhost-vsock.sock"
+
+    @property
+    def _qmp_socket(self) -> Path:
+        return self._dir / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self._dir / "console.log"
+
+    @property
+    def pid(self) -> int:
+        if self._qemu is None:
+            raise VmmError("VM not started")
+        return self._qemu.pid
+
+    # -- lifecycle ---------------------------------------------------------
+    def command(self) -> list[str]:
+        """The QEMU command line for this VM (pure: no I/O)."""
+        spec, opts = self._spec, self._options
+        accel_cpu = "host" if opts.accel == "kvm" else "max"
+        mem = f"{spec.memory_mib}M"
+        cmd = [
+            str(opts.binary),
+            "-name", f"cloudhv-{spec.state_dir.name}",
+            "-machine", f"q35,accel={opts.accel},memory-backend=mem0",
+            "-cpu", accel_cpu,
+            "-smp", f"{spec.vcpus},maxcpus={max(spec.max_vcpus, spec.vcpus)}",
+            "-m", mem,
+            # vhost-user needs guest memory the backend can map: a shared memfd.
+            "-object", f"memory-backend-memfd,id=mem0,size={mem},share=on",
+            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-serial", f"file:{self.console_log}",
+            "-kernel", str(spec.kernel),
+            "-append", f"console=ttyS0 {spec.kernel_args}",
+            "-drive", f"file={spec.rootfs},if=none,id=rootfs,format=raw,readonly=on",
+            "-device", "virtio-blk-pci,drive=rootfs,serial=cloudhv-rootfs",
+            "-chardev", f"socket,id=vsock0,path={self._vhost_socket}",
+            "-device", "vhost-user-vsock-pci,chardev=vsock0",
+            "-qmp", f"unix:{self._qmp_socket},server=on,wait=off",
+        ]
+        for index in range(opts.hotplug_slots):
+            cmd += ["-device", f"pcie-root-port,id=rp{index},bus=pcie.0,chassis={index + 1},slot=0"]
+        return cmd
+
+    async def start(self) -> VmProcesses:
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in (self.agent_socket, self._vhost_socket, self._qmp_socket):
+            stale.unlink(missing_ok=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        try:
+            self._vsock = await _spawn(
+                [
+                    str(self._options.vsock_backend),
+                    "--guest-cid", str(GUEST_CID),
+                    "--socket", str(self._vhost_socket),
+                    "--uds-path", str(self.agent_socket),
+                ],
+                self._dir / "vsock.log",
+            )
+            await self._wait_for_path(self._vhost_socket, self._vsock, deadline)
+            argv = self.command()
+            if self._spec.netns is not None:
+                argv = ["nsenter", f"--net={self._spec.netns}", "--", *argv]
+            log.info("event=vmm_launch vmm=qemu dir=%s", self._dir)
+            self._qemu = await _spawn(argv, self._dir / "qemu.log")
+            self._reaper = asyncio.create_task(self._reap())
+            self._qmp = await QmpClient.connect(self._qmp_socket, deadline=deadline)
+            for disk in self._spec.disks:
+                await self.add_disk(disk)
+            for net in self._spec.nets:
+                await self.add_net(net)
+        except BaseException as error:
+            detail = self._log_tail()
+            await self.shutdown(timeout=1.0)
+            if isinstance(error, VmmError | OSError | TimeoutError):
+                raise VmmError(f"start QEMU: {error}{detail}") from error
+            raise
+        return self.processes()
+
+    def processes(self) -> VmProcesses:
+        helpers: list[tuple[int, int]] = []
+        if self._vsock is not None:
+            start = process_start_time(self._vsock.pid)
+            if start is not None:
+                helpers.append((self._vsock.pid, start))
+        qemu_start = process_start_time(self.pid) or 0
+        return VmProcesses(vmm_pid=self.pid, vmm_start_time=qemu_start, helper_pids=tuple(helpers))
+
+    async def wait(self) -> int:
+        if self._reaper is None:
+            raise VmmError("VM not started")
+        return await asyncio.shield(self._reaper)
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Quit QEMU (SIGKILL after `timeout`), stop the vsock backend, remove host files."""
+        if self._qmp is not None:
+            with contextlib.suppress(VmmError, OSError, ConnectionError, TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._qmp.execute("quit")
+            await self._qmp.close()
+            self._qmp = None
+        for proc in (self._qemu, self._vsock):
+            if proc is None or proc.returncode is not None:
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout if proc is self._qemu else 0.5):
+                    await proc.wait()
+                    continue
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        if self._reaper is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def _reap(self) -> int:
+        """Owns QEMU's exit: records the status and takes the vsock backend down with it."""
+        assert self._qemu is not None
+        status = await self._qemu.wait()
+        self._exit_status = status
+        if self._vsock is not None and self._vsock.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._vsock.terminate()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._vsock.wait()
+            if self._vsock.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self._vsock.kill()
+                await self._vsock.wait()
+        log.info("event=vmm_exit vmm=qemu status=%s dir=%s", status, self._dir)
+        return status
+
+    # -- devices -----------------------------------------------------------
+    async def add_disk(self, disk: DiskSpec) -> None:
+        if len(disk.serial) > VIRTIO_BLK_SERIAL_MAX:
+            raise VmmError(
+                f"disk {disk.id}: serial {disk.serial!r} is longer than "
+                f"{VIRTIO_BLK_SERIAL_MAX} bytes"
+            )
+        slot = self._claim_slot(disk.id)
+        qmp = self._require_qmp()
+        node = f"blk-{disk.id}"
+        try:
+            await qmp.execute("blockdev-add", {
+                "driver": "raw",
+                "node-name": node,
+                "read-only": disk.read_only,
+                "file": {"driver": "host_device" if _is_block(disk.path) else "file",
+                         "filename": str(disk.path)},
+            })
+            try:
+                await qmp.execute("device_add", {
+                    "driver": "virtio-blk-pci", "id": disk.id, "drive": node,
+                    "bus": f"rp{slot}", "serial": disk.serial,
+                })
+            except VmmError:
+                await qmp.execute("blockdev-del", {"node-name": node})
+                raise
+        except BaseException:
+            self._slots.pop(disk.id, None)
+            raise
+
+    async def remove_disk(self, disk_id: str) -> None:
+        await self._unplug(disk_id)
+        await self._require_qmp().execute("blockdev-del", {"node-name": f"blk-{disk_id}"})
+
+    async def add_net(self, net: NetSpec) -> None:
+        slot = self._claim_slot(net.id)
+        qmp = self._require_qmp()
+        try:
+            await qmp.execute("netdev_add", {
+                "type": "tap", "id": f"net-{net.id}", "ifname": net.tap,
+                "script": "no", "downscript": "no",
+            })
+            await qmp.execute("device_add", {
+                "driver": "virtio-net-pci", "id": net.id, "netdev": f"net-{net.id}",
+                "mac": net.mac, "bus": f"rp{slot}", "host_mtu": net.mtu,
+            })
+        except BaseException:
+            self._slots.pop(net.id, None)
+            raise
+
+    async def remove_net(self, net_id: str) -> None:
+        await self._unplug(net_id)
+        await self._require_qmp().execute("netdev_del", {"id": f"net-{net_id}"})
+
+    async def _unplug(self, device_id: str, timeout: float = 10.0) -> None:
+        if device_id not in self._slots:
+            raise VmmError(f"device {device_id} is not attached")
+        qmp = self._require_qmp()
+        await qmp.execute("device_del", {"id": device_id})
+        # The guest acknowledges the eject through ACPI; only then is the slot free.
+        await qmp.wait_event("DEVICE_DELETED", {"device": device_id}, timeout)
+        del self._slots[device_id]
+
+    def _claim_slot(self, device_id: str) -> int:
+        if device_id in self._slots:
+            raise VmmError(f"device {device_id} is already attached")
+        used = set(self._slots.values())
+        for index in range(self._options.hotplug_slots):
+            if index not in used:
+                self._slots[device_id] = index
+                return index
+        raise VmmError(
+            f"no free hotplug slot for {device_id}: all {self._options.hotplug_slots} "
+            "are in use (qemu.hotplug_slots)"
+        )
+
+    def _require_qmp(self) -> QmpClient:
+        if self._qmp is None:
+            raise VmmError("VM not running")
+        return self._qmp
+
+    async def _wait_for_path(
+        self, path: Path, proc: asyncio.subprocess.Process, deadline: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        while not path.exists():
+            if proc.returncode is not None:
+                raise VmmError(f"{self._options.vsock_backend} exited with {proc.returncode}")
+            if loop.time() >= deadline:
+                raise VmmError(f"{path} did not appear")
+            await asyncio.sleep(0.005)
+
+    def _log_tail(self) -> str:
+        lines: list[str] = []
+        for name in ("qemu.log", "vsock.log"):
+            with contextlib.suppress(OSError):
+                text = (self._dir / name).read_text(errors="replace").strip()
+                if text:
+                    lines.append(f"{name}: {text.splitlines()[-1]}")
+        return ("; " + "; ".join(lines)) if lines else ""
+
+
+def _is_block(path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    return False
+
+
+async def _spawn(argv: list[str], log_path: Path) -> asyncio.subprocess.Process:
+    """Start a child with stdio on /dev/null and stderr appended to `log_path`."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log_fd,
+            start_new_session=True,  # a signal to the shim's group must not hit the VM
+        )
+    finally:
+        os.close(log_fd)
