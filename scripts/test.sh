@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds the guest and the shim (cached), and runs every test:
+# lint and types, unit tests, then the root-only integration tests on real QEMU VMs and
+# a real containerd. Extra arguments go to pytest.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+
+echo "== setup"
+VENV=$(bash scripts/setup.sh)
+echo "== build"
+eval "$(bash scripts/build.sh)"
+export CLOUDHV_KERNEL CLOUDHV_ROOTFS CLOUDHV_SHIM
+export PATH="$VENV/bin:$PATH"
+
+echo "== lint"
+ruff check shim tests bench
+mypy shim
+
+echo "== tests"
+python -m pytest -p no:cacheprovider -ra "${@:-tests}"

@@ -1,0 +1,215 @@
+"""A private, real containerd 1.6 (Debian package) with the cloudhv runtime registered."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.integration import guest_artifacts
+
+REPO = Path(__file__).resolve().parents[2]
+SHIM_BIN_DIR = REPO / "build" / "bin"
+RUNTIME = "io.containerd.cloudhv.v1"
+
+CONFIG_TOML = """\
+version = 2
+root = "{root}/root"
+state = "{root}/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
+[grpc]
+  address = "{root}/containerd.sock"
+[ttrpc]
+  address = "{root}/containerd.sock.ttrpc"
+[debug]
+  level = "debug"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "localhost/test/pause:1"
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{root}/cni/net.d"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cloudhv]
+      runtime_type = "{runtime}"
+      runtime_path = "{shim}"
+      pod_annotations = ["io.cloudhv.*", "io.katacontainers.*"]
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cloudhv.options]
+        ConfigPath = "{shim_config}"
+"""
+
+
+CNI_CONFLIST = {
+    "cniVersion": "1.0.0",
+    "name": "cloudhv-test",
+    "plugins": [
+        {
+            "type": "bridge",
+            "bridge": "cloudhv-br0",
+            "isGateway": True,
+            "ipMasq": False,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": "10.88.0.0/16"}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+            },
+        },
+        {"type": "loopback"},
+    ],
+}
+
+
+def shim_config(state_dir: Path, **overrides: object) -> dict[str, object]:
+    config: dict[str, object] = {
+        "vmm": "qemu",
+        "qemu": {"accel": os.environ.get("CLOUDHV_ACCEL", "tcg"), "hotplug_slots": 8},
+        "kernel_path": str(guest_artifacts.kernel()),
+        "rootfs_path": str(guest_artifacts.rootfs()),
+        "kernel_args": "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 quiet",
+        "default_vcpus": 1,
+        "default_memory_mib": 256,
+        "state_dir": str(state_dir),
+        "debug": True,
+    }
+    config.update(overrides)
+    return config
+
+
+@dataclass
+class Containerd:
+    root: Path
+    process: subprocess.Popen[bytes]
+    namespace: str = "default"
+
+    @property
+    def address(self) -> Path:
+        return self.root / "containerd.sock"
+
+    def ctr(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 180,
+        namespace: str | None = None,
+        input: bytes | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        argv = ["ctr", "--address", str(self.address), "-n", namespace or self.namespace, *args]
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input.decode() if input is not None else None,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(argv)} exited {result.returncode}\nstdout: {result.stdout}\n"
+                f"stderr: {result.stderr}\n--- containerd log tail ---\n{self.log_tail()}"
+            )
+        return result
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = (self.root / "containerd.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def ensure_shim_wrapper() -> Path:
+    subprocess.run(["bash", str(REPO / "scripts" / "build-shim.sh")], check=True)
+    return SHIM_BIN_DIR / "containerd-shim-cloudhv-v1"
+
+
+@contextlib.contextmanager
+def running_containerd(root: Path, shim_config_path: Path) -> Iterator[Containerd]:
+    """Start containerd with a private root/state/sockets; stop it and unmount its state."""
+    shim = ensure_shim_wrapper()
+    (root / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
+    (root / "cni" / "net.d" / "10-cloudhv-test.conflist").write_text(json.dumps(CNI_CONFLIST))
+    # containerd (and so CNI's bridge and every pod) lives in a namespace this test made:
+    # nothing touches the host's own network.
+    netns = f"cloudhv-test-{os.getpid()}-{root.name[-8:]}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+    config = root / "config.toml"
+    config.write_text(
+        CONFIG_TOML.format(root=root, runtime=RUNTIME, shim=shim, shim_config=shim_config_path)
+    )
+    env = dict(os.environ)
+    env["PATH"] = f"{SHIM_BIN_DIR}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    env["CLOUDHV_CONFIG"] = str(shim_config_path)
+    log = open(root / "containerd.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{netns}", "containerd", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (root / "containerd.sock").exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"containerd did not start:\n{(root / 'containerd.log').read_text()}"
+                )
+            time.sleep(0.02)
+        yield Containerd(root=root, process=process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        _unmount_under(root)
+        subprocess.run(["ip", "netns", "delete", netns], check=False)
+
+
+def _unmount_under(root: Path) -> None:
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for target in sorted((m for m in mounts if m.startswith(str(root))), reverse=True):
+        subprocess.run(["umount", "-l", target], check=False)
+
+
+def write_shim_config(path: Path, state_dir: Path, **overrides: object) -> Path:
+    path.write_text(json.dumps(shim_config(state_dir, **overrides), indent=2))
+    return path
+
+
+def import_image(ctr: Containerd, tarball: Path, namespace: str = "default") -> None:
+    ctr.ctr("images", "import", str(tarball), namespace=namespace)
+
+
+def leftovers(state_dir: Path, root: Path) -> list[str]:
+    """Host resources our shim might leak: VMM processes, mounts, sockets, state files."""
+    found: list[str] = []
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if str(state_dir) in cmdline and ("qemu" in cmdline or "vhost-device-vsock" in cmdline):
+                found.append(f"process {pid_dir.name}: {cmdline[:120]}")
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        target = line.split()[4]
+        if target.startswith(str(state_dir)):
+            found.append(f"mount {target}")
+    if state_dir.exists():
+        found += [f"file {p}" for p in state_dir.rglob("*")]
+    return found
+
+
+def cleanup_dir(path: Path) -> None:
+    _unmount_under(path)
+    shutil.rmtree(path, ignore_errors=True)
