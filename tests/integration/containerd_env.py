@@ -41,6 +41,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     conf_dir = "{root}/cni/net.d"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cloudhv]
       runtime_type = "{runtime}"
       runtime_path = "{shim}"
@@ -90,6 +93,7 @@ def shim_config(state_dir: Path, **overrides: object) -> dict[str, object]:
 class Containerd:
     root: Path
     process: subprocess.Popen[bytes]
+    netns: str
     namespace: str = "default"
 
     @property
@@ -163,7 +167,7 @@ def running_containerd(root: Path, shim_config_path: Path) -> Iterator[Container
                     f"containerd did not start:\n{(root / 'containerd.log').read_text()}"
                 )
             time.sleep(0.02)
-        yield Containerd(root=root, process=process)
+        yield Containerd(root=root, process=process, netns=netns)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
