@@ -33,14 +33,20 @@ def stubs() -> tuple[ModuleType, ModuleType]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         kept = [
-            line for line in text.splitlines()
+            line
+            for line in text.splitlines()
             if "gogo.proto" not in line and not line.startswith("option (gogoproto.")
         ]
         (tmp / "cri_api.proto").write_text("\n".join(kept) + "\n")
         subprocess.run(
             [
-                sys.executable, "-m", "grpc_tools.protoc", f"-I{tmp}",
-                f"--python_out={tmp}", f"--grpc_python_out={tmp}", "cri_api.proto",
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                f"-I{tmp}",
+                f"--python_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                "cri_api.proto",
             ],
             check=True,
         )

@@ -35,9 +35,18 @@ def stream(
 ) -> StreamResult:
     request = {"url": url, "stdin": stdin.decode("latin-1"), "resize": resize}
     result = subprocess.run(
-        ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-m",
-         "tests.integration.stream_client"],
-        input=json.dumps(request), capture_output=True, text=True, timeout=120, check=True,
+        [
+            "nsenter",
+            f"--net=/run/netns/{netns}",
+            sys.executable,
+            "-m",
+            "tests.integration.stream_client",
+        ],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     answer = json.loads(result.stdout)
     return StreamResult(

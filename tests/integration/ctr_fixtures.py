@@ -1,0 +1,94 @@
+"""Shared fixtures for tests that drive the shim through a real containerd."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.integration.busybox_tree import make_busybox_tree
+from tests.integration.containerd_env import (
+    Containerd,
+    import_image,
+    leftovers,
+    running_containerd,
+    write_shim_config,
+)
+from tests.integration.oci_image import build_image
+
+BUSYBOX = "localhost/test/busybox:1"
+PAUSE = "localhost/test/pause:1"
+
+
+@dataclass
+class Env:
+    containerd: Containerd
+    state_dir: Path  # the shim's state_dir (config)
+    scratch: Path
+
+    def leftovers(self) -> list[str]:
+        found = leftovers(self.state_dir, self.containerd.root)
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            target = line.split()[4]
+            if target.startswith(str(self.containerd.root)) and "/rootfs" in target:
+                found.append(f"mount {target}")
+        for pid, cmdline in shim_processes(self.containerd):
+            found.append(f"shim {pid}: {cmdline[:100]}")
+        return found
+
+    def wait_clean(self, timeout: float = 30) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while (found := self.leftovers()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return found
+
+
+def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
+    """Our shim daemons serving this containerd (their argv names its socket)."""
+    found = []
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "containerd-shim-cloudhv-v1" in cmdline and str(containerd.address) in cmdline:
+                found.append((int(pid_dir.name), cmdline))
+    return found
+
+
+@contextlib.contextmanager
+def containerd_env(**config_overrides: object) -> Iterator[Env]:
+    scratch = Path(tempfile.mkdtemp(prefix="chv-", dir="/run"))
+    try:
+        state_dir = scratch / "state"
+        config = write_shim_config(scratch / "shim.json", state_dir, **config_overrides)
+        tree = make_busybox_tree(scratch / "tree")
+        busybox = build_image([tree], BUSYBOX, ["sh"], scratch / "busybox.tar")
+        pause = build_image([tree], PAUSE, ["sleep", "2147483647"], scratch / "pause.tar")
+        with running_containerd(scratch / "ctrd", config) as containerd:
+            for namespace in ("default", "k8s.io"):
+                import_image(containerd, busybox, namespace)
+                import_image(containerd, pause, namespace)
+            env = Env(containerd=containerd, state_dir=state_dir, scratch=scratch)
+            try:
+                yield env
+            finally:
+                # A shim still running here is a failed test: it must not hang the suite.
+                for pid, _ in shim_processes(containerd):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+    finally:
+        subprocess.run(["pkill", "-9", "-f", str(scratch)], check=False)
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/mountinfo").read_text().splitlines():
+                target = line.split()[4]
+                if target.startswith(str(scratch)):
+                    subprocess.run(["umount", "-l", target], check=False)
+        shutil.rmtree(scratch, ignore_errors=True)
