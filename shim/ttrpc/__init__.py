@@ -1,0 +1,23 @@
+"""ttrpc (containerd's RPC protocol) on asyncio: frames, unary client and server.
+
+See shared/reference/protocols.md for the wire format. Streaming is not
+supported: every call is one Request frame and one Response frame.
+"""
+
+from shim.errors import Code
+from shim.ttrpc.client import Client
+from shim.ttrpc.frames import ProtocolError
+from shim.ttrpc.server import CallContext, Handler, Server, bind_unix
+from shim.ttrpc.status import TtrpcError, error_for_status
+
+__all__ = [
+    "CallContext",
+    "Client",
+    "Code",
+    "Handler",
+    "ProtocolError",
+    "Server",
+    "TtrpcError",
+    "bind_unix",
+    "error_for_status",
+]
