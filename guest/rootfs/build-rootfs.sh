@@ -13,7 +13,7 @@ LIMIT_BYTES=$((8 * 1024 * 1024))
 
 command -v "$CRUN" >/dev/null || apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends crun >&2
 
-mapfile -t libs < <(ldd "$CRUN" | awk '/=>/ {print $3} /^\s*\/.*ld-linux/ {print $1}' | sort -u)
+mapfile -t libs < <(ldd "$CRUN" | awk '/=>/ {print $3} /^[ \t]*\/.*ld-linux/ {print $1}' | sort -u)
 key=$( {
   cat "$0"
   find "$REPO/agent" "$REPO/proto" -type f \( -name '*.c' -o -name '*.h' -o -name '*.proto' \

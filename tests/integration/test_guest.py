@@ -32,7 +32,7 @@ async def mount_busybox(vm, agent: AgentClient, tmp_path: Path, disk_id: str) ->
     image = make_ext4(make_busybox_tree(tmp_path / f"{disk_id}-tree"), tmp_path / f"{disk_id}.img")
     await vm.add_disk(DiskSpec(id=disk_id, path=image, serial=disk_id))
     target = f"/run/cloudhv/disks/{disk_id}"
-    await agent.mount_disk(serial=disk_id, fstype="ext4", target=target, timeout_ms=10000)
+    await agent.mount_disk(disk_id, target, fstype="ext4", wait=10)
     return target
 
 

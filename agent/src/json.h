@@ -1,0 +1,52 @@
+/* A bounded JSON parser and writer: the document becomes a tree of nodes
+ * (from a caller-supplied fixed pool) pointing into the source text, so
+ * nothing is copied. Nodes can be deleted or given a new raw JSON value, and
+ * the tree is written back out in order. Nesting depth is limited. */
+#ifndef AGENT_JSON_H
+#define AGENT_JSON_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+
+enum jtype { J_NULL, J_BOOL, J_NUM, J_STR, J_ARR, J_OBJ, J_RAW };
+
+struct jnode {
+	uint8_t type;
+	uint8_t deleted;
+	int32_t child, last, next; /* -1 when none */
+	const char *key;           /* raw (still escaped) member name, or NULL */
+	uint32_t klen;
+	const char *val;           /* raw text of scalars (strings with quotes) and J_RAW */
+	uint32_t vlen;
+};
+
+struct jdoc {
+	struct jnode *n;
+	int count, cap;
+};
+
+#define JSON_MAX_DEPTH 64
+
+/* Parses s into d (root is node 0). */
+int json_parse(struct jdoc *d, const char *s, size_t len, struct err *e);
+/* Member of an object, or -1. Keys are compared raw (no escapes in ours). */
+int json_get(const struct jdoc *d, int obj, const char *key);
+/* Decodes a string node into buf; -1 if not a string, too long or has NUL. */
+int json_str(const struct jdoc *d, int node, char *buf, size_t cap);
+bool json_str_eq(const struct jdoc *d, int node, const char *s);
+void json_del(struct jdoc *d, int node);
+/* Replaces obj[key] with raw JSON text, or appends the member. key and raw
+ * must stay valid until json_write. */
+int json_set(struct jdoc *d, int obj, const char *key, const char *raw, struct err *e);
+int json_write(const struct jdoc *d, char *out, size_t cap, size_t *len, struct err *e);
+/* Writes s as a quoted JSON string; returns its length or 0 if it does not fit. */
+size_t json_quote(const char *s, char *out, size_t cap);
+
+#define JSON_EACH(d, parent, i) \
+	for (int i = (d)->n[parent].child; i >= 0; i = (d)->n[i].next) \
+		if (!(d)->n[i].deleted)
+
+#endif

@@ -1,0 +1,198 @@
+/* The cloudhv guest agent: PID 1 of the VM and its ttrpc server on vsock.
+ * One thread, one epoll loop. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "agent.h"
+#include "cgroup.h"
+#include "log.h"
+#include "pid1.h"
+#include "proc.h"
+#include "rpc.h"
+#include "ttrpc.h"
+
+bool g_pid1;
+static int epfd = -1;
+static int sigfd = -1;
+static bool shutdown_pending;
+static uint16_t shutdown_conn;
+static uint32_t shutdown_gen;
+
+int ev_add(int fd, uint32_t events, uint64_t tag)
+{
+	struct epoll_event ev = {.events = events, .data.u64 = tag};
+	return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+}
+
+int ev_mod(int fd, uint32_t events, uint64_t tag)
+{
+	struct epoll_event ev = {.events = events, .data.u64 = tag};
+	return epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &ev);
+}
+
+void ev_del(int fd)
+{
+	if (epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL) < 0 && errno != ENOENT && errno != EBADF)
+		alog("epoll del fd %d: %s", fd, strerror(errno));
+}
+
+static uint64_t clock_ns(clockid_t id)
+{
+	struct timespec ts;
+	clock_gettime(id, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t now_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
+uint64_t wall_ns(void) { return clock_ns(CLOCK_REALTIME); }
+
+void request_shutdown(int conn, uint32_t gen)
+{
+	shutdown_pending = true;
+	shutdown_conn = (uint16_t)conn;
+	shutdown_gen = gen;
+}
+
+static void drain_signals(void)
+{
+	struct signalfd_siginfo si[16];
+	while (read(sigfd, si, sizeof si) > 0)
+		;
+	reap_children();
+}
+
+static void usage(void)
+{
+	fprintf(stderr, "usage: cloudhv-agent [--unix PATH] [--no-vsock]\n"
+			"  As PID 1 it takes no options. The flags are for running it on a host\n"
+			"  for debugging: --unix also serves ttrpc on a Unix socket.\n");
+	exit(2);
+}
+
+int main(int argc, char **argv)
+{
+	g_pid1 = getpid() == 1;
+	const char *unix_path = NULL;
+	bool vsock = true;
+	for (int i = 1; i < argc && !g_pid1; i++) {
+		if (!strcmp(argv[i], "--unix") && i + 1 < argc)
+			unix_path = argv[++i];
+		else if (!strcmp(argv[i], "--no-vsock"))
+			vsock = false;
+		else
+			usage();
+	}
+	if (g_pid1)
+		pid1_setup();
+	else if (prctl(PR_SET_CHILD_SUBREAPER, 1) < 0)
+		alog("prctl PR_SET_CHILD_SUBREAPER: %s", strerror(errno));
+	agent_dirs();
+
+	/* Children must not inherit these: spawn() resets mask and dispositions. */
+	signal(SIGPIPE, SIG_IGN);
+	sigset_t mask;
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGCHLD);
+	if (g_pid1) {
+		/* Keyboard/ACPI signals to init are ignored rather than fatal. */
+		sigaddset(&mask, SIGTERM);
+		sigaddset(&mask, SIGINT);
+		sigaddset(&mask, SIGHUP);
+	}
+	if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
+		alog("sigprocmask: %s", strerror(errno));
+
+	epfd = epoll_create1(EPOLL_CLOEXEC);
+	if (epfd < 0) {
+		alog("epoll_create1: %s", strerror(errno));
+		if (!g_pid1)
+			return 1;
+		for (;;)
+			pause();
+	}
+	sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (sigfd < 0 || ev_add(sigfd, EPOLLIN, tag_make(TAG_SIGNAL, 0, 0)) < 0)
+		alog("signalfd: %s", strerror(errno));
+	struct err e;
+	if (cgroup_init(&e) < 0)
+		alog("%s", e.msg);
+
+	bool listening = false;
+	uint64_t next_bind = 0;
+	if (unix_path) {
+		if (ttrpc_listen_unix(unix_path, &e) < 0) {
+			alog("%s", e.msg);
+			return 1;
+		}
+		alog("listening on %s", unix_path);
+	}
+	if (!vsock)
+		listening = true;
+
+	for (;;) {
+		uint64_t now = now_ns();
+		if (!listening && now >= next_bind) {
+			if (ttrpc_listen_vsock(AGENT_PORT, &e) >= 0) {
+				listening = true;
+				struct timespec up;
+				clock_gettime(CLOCK_BOOTTIME, &up);
+				alog("ready: ttrpc on vsock port %d (%lld ms after boot)", AGENT_PORT,
+				     (long long)up.tv_sec * 1000 + up.tv_nsec / 1000000);
+			} else {
+				alog("%s (retrying)", e.msg);
+				next_bind = now + 1000000000ull;
+			}
+		}
+		ttrpc_housekeeping();
+		uint64_t wake = rpc_poll_parked();
+		if (shutdown_pending) {
+			ttrpc_flush_blocking(shutdown_conn, shutdown_gen, 1000);
+			shutdown_now();
+		}
+		if (!listening && (!wake || next_bind < wake))
+			wake = next_bind;
+		int timeout = -1;
+		if (wake) {
+			now = now_ns();
+			timeout = wake <= now ? 0 : (int)((wake - now + 999999) / 1000000);
+		}
+		struct epoll_event evs[64];
+		int n = epoll_wait(epfd, evs, 64, timeout);
+		if (n < 0) {
+			if (errno != EINTR)
+				alog("epoll_wait: %s", strerror(errno));
+			continue;
+		}
+		for (int i = 0; i < n; i++) {
+			uint64_t t = evs[i].data.u64;
+			switch (tag_kind(t)) {
+			case TAG_LISTEN:
+			case TAG_DEBUG_LISTEN:
+				ttrpc_on_listen((int)tag_idx(t));
+				break;
+			case TAG_SIGNAL:
+				drain_signals();
+				break;
+			case TAG_INOTIFY:
+				cgroup_on_inotify();
+				break;
+			case TAG_CONN:
+				ttrpc_on_conn(tag_idx(t), tag_gen(t), evs[i].events);
+				break;
+			case TAG_STDOUT:
+			case TAG_STDERR:
+			case TAG_STDIN:
+				proc_on_event(tag_kind(t), tag_idx(t), tag_gen(t), evs[i].events);
+				break;
+			}
+		}
+	}
+}

@@ -1,0 +1,165 @@
+#include "spec.h"
+
+#include <string.h>
+#include <sys/stat.h>
+
+#include "json.h"
+
+#define SPEC_MAX_NODES 16384
+
+static struct jnode pool[SPEC_MAX_NODES];
+static struct jdoc doc = {pool, 0, SPEC_MAX_NODES};
+static char root_quoted[6 * 256 + 8];
+
+static void drop_lsm(struct jdoc *d, int process)
+{
+	json_del(d, json_get(d, process, "apparmorProfile"));
+	json_del(d, json_get(d, process, "selinuxLabel"));
+}
+
+static int adapt_namespaces(struct jdoc *d, int linux_, struct err *e)
+{
+	int nss = json_get(d, linux_, "namespaces");
+	if (nss < 0)
+		return 0;
+	if (d->n[nss].type != J_ARR)
+		return err_set(e, C_INVALID_ARGUMENT, "spec: linux.namespaces is not an array");
+	JSON_EACH(d, nss, i)
+	{
+		char type[32];
+		if (json_str(d, json_get(d, i, "type"), type, sizeof type) < 0)
+			return err_set(e, C_INVALID_ARGUMENT, "spec: a namespace has no type");
+		/* A namespace path names a host process's namespace, meaningless in the guest:
+		 * the container gets its own (mount, pid, ipc, uts: issue 4). The network
+		 * namespace goes entirely, so every container shares the VM's network, which
+		 * is the pod's. A new uts namespace starts with the VM's (the pod's) hostname. */
+		if (!strcmp(type, "network"))
+			json_del(d, i);
+		else
+			json_del(d, json_get(d, i, "path"));
+	}
+	return 0;
+}
+
+static int take_net_sysctls(struct jdoc *d, int linux_, struct spec_out *out, struct err *e)
+{
+	int sc = json_get(d, linux_, "sysctl");
+	if (sc < 0 || d->n[sc].type != J_OBJ)
+		return 0;
+	JSON_EACH(d, sc, i)
+	{
+		if (d->n[i].klen < 4 || memcmp(d->n[i].key, "net.", 4))
+			continue;
+		if (out->n_sysctl == SPEC_MAX_SYSCTL)
+			return err_set(e, C_INVALID_ARGUMENT, "spec: more than %d net.* sysctls", SPEC_MAX_SYSCTL);
+		struct sysctl_kv *kv = &out->sysctl[out->n_sysctl];
+		if (d->n[i].klen >= sizeof kv->key || memchr(d->n[i].key, '\\', d->n[i].klen) ||
+		    json_str(d, i, kv->val, sizeof kv->val) < 0)
+			return err_set(e, C_INVALID_ARGUMENT, "spec: bad sysctl %.*s", (int)d->n[i].klen, d->n[i].key);
+		memcpy(kv->key, d->n[i].key, d->n[i].klen);
+		kv->key[d->n[i].klen] = 0;
+		out->n_sysctl++;
+		json_del(d, i);
+	}
+	return 0;
+}
+
+static bool is_bind(struct jdoc *d, int m)
+{
+	if (json_str_eq(d, json_get(d, m, "type"), "bind"))
+		return true;
+	int opts = json_get(d, m, "options");
+	if (opts < 0 || d->n[opts].type != J_ARR)
+		return false;
+	JSON_EACH(d, opts, o)
+	{
+		if (json_str_eq(d, o, "bind") || json_str_eq(d, o, "rbind"))
+			return true;
+	}
+	return false;
+}
+
+static int check_mounts(struct jdoc *d, int root, struct err *e)
+{
+	int mounts = json_get(d, root, "mounts");
+	if (mounts < 0)
+		return 0;
+	if (d->n[mounts].type != J_ARR)
+		return err_set(e, C_INVALID_ARGUMENT, "spec: mounts is not an array");
+	JSON_EACH(d, mounts, m)
+	{
+		if (!is_bind(d, m))
+			continue;
+		char dst[512], src[512];
+		if (json_str(d, json_get(d, m, "destination"), dst, sizeof dst) < 0)
+			return err_set(e, C_INVALID_ARGUMENT, "spec: a mount has no destination");
+		if (json_str(d, json_get(d, m, "source"), src, sizeof src) < 0)
+			return err_set(e, C_INVALID_ARGUMENT, "spec: bind mount %s has no source", dst);
+		struct stat st;
+		if (src[0] == '/' && stat(src, &st) < 0)
+			return err_set(e, C_INVALID_ARGUMENT, "spec: bind mount %s: source %s does not exist in the guest",
+				       dst, src);
+	}
+	return 0;
+}
+
+int spec_adapt_config(const char *json, size_t len, const char *root_path, bool terminal,
+		      struct spec_out *out, struct err *e)
+{
+	struct jdoc *d = &doc;
+	out->n_sysctl = 0;
+	if (json_parse(d, json, len, e) < 0)
+		return -1;
+	if (d->n[0].type != J_OBJ)
+		return err_set(e, C_INVALID_ARGUMENT, "spec: not a JSON object");
+	int root = 0;
+
+	if (!json_quote(root_path, root_quoted, sizeof root_quoted))
+		return err_set(e, C_INVALID_ARGUMENT, "spec: root path too long");
+	int r = json_get(d, root, "root");
+	if (r >= 0 && d->n[r].type == J_OBJ) {
+		if (json_set(d, r, "path", root_quoted, e) < 0)
+			return -1;
+	} else {
+		static char raw[sizeof root_quoted + 16];
+		strcpy(raw, "{\"path\":");
+		strcat(raw, root_quoted);
+		strcat(raw, "}");
+		if (json_set(d, root, "root", raw, e) < 0)
+			return -1;
+	}
+
+	int process = json_get(d, root, "process");
+	if (process < 0 || d->n[process].type != J_OBJ)
+		return err_set(e, C_INVALID_ARGUMENT, "spec: no process object");
+	drop_lsm(d, process);
+	if (json_set(d, process, "terminal", terminal ? "true" : "false", e) < 0)
+		return -1;
+
+	json_del(d, json_get(d, root, "hooks"));
+
+	int linux_ = json_get(d, root, "linux");
+	if (linux_ >= 0 && d->n[linux_].type == J_OBJ) {
+		json_del(d, json_get(d, linux_, "mountLabel"));
+		if (adapt_namespaces(d, linux_, e) < 0 || take_net_sysctls(d, linux_, out, e) < 0)
+			return -1;
+	}
+	if (check_mounts(d, root, e) < 0)
+		return -1;
+	return json_write(d, out->buf, out->cap, &out->len, e);
+}
+
+int spec_adapt_process(const char *json, size_t len, bool terminal, struct spec_out *out,
+		       struct err *e)
+{
+	struct jdoc *d = &doc;
+	out->n_sysctl = 0;
+	if (json_parse(d, json, len, e) < 0)
+		return -1;
+	if (d->n[0].type != J_OBJ)
+		return err_set(e, C_INVALID_ARGUMENT, "process: not a JSON object");
+	drop_lsm(d, 0);
+	if (json_set(d, 0, "terminal", terminal ? "true" : "false", e) < 0)
+		return -1;
+	return json_write(d, out->buf, out->cap, &out->len, e);
+}

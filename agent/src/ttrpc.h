@@ -1,0 +1,30 @@
+/* ttrpc over stream sockets: the vsock listener, the connection table, frame
+ * parsing, the Request/Response envelope (nanopb) and per-connection
+ * back-pressure. RPC dispatch lives in rpc.c. */
+#ifndef AGENT_TTRPC_H
+#define AGENT_TTRPC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+
+int ttrpc_listen_vsock(unsigned port, struct err *e);
+int ttrpc_listen_unix(const char *path, struct err *e);   /* debugging on a host */
+void ttrpc_on_listen(int fd);
+void ttrpc_on_conn(uint32_t idx, uint32_t gen, uint32_t events);
+/* Closes connections that failed; resumes reading on drained ones. */
+void ttrpc_housekeeping(void);
+
+bool ttrpc_alive(uint16_t conn, uint32_t gen);
+/* True when the connection can take one more response of any size. */
+bool ttrpc_can_reply(uint16_t conn, uint32_t gen);
+/* Queues a Response frame: status code (0 = OK, then msg is ignored) and an
+ * encoded payload. Returns -1 when the connection is gone or full. */
+int ttrpc_reply(uint16_t conn, uint32_t gen, uint32_t stream, int code,
+		const char *msg, const uint8_t *payload, size_t len);
+/* Writes out pending responses of one connection, blocking up to ms. */
+void ttrpc_flush_blocking(uint16_t conn, uint32_t gen, int ms);
+
+#endif

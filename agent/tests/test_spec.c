@@ -1,0 +1,174 @@
+/* Host unit tests for the bounded JSON parser/writer and the OCI spec
+ * adaptation (`make -C agent test`). */
+#include <stdio.h>
+#include <string.h>
+
+#include "json.h"
+#include "spec.h"
+
+static int failed, run;
+
+#define CHECK(cond, ...)                                   \
+	do {                                               \
+		run++;                                     \
+		if (!(cond)) {                             \
+			failed++;                          \
+			printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+			printf(__VA_ARGS__);               \
+			printf("\n");                      \
+		}                                          \
+	} while (0)
+
+static struct jnode nodes[256];
+static char out[65536];
+
+static void roundtrip(const char *in, const char *want)
+{
+	struct jdoc d = {nodes, 0, 256};
+	struct err e = {0};
+	size_t len = 0;
+	int rc = json_parse(&d, in, strlen(in), &e);
+	CHECK(rc == 0, "parse %s: %s", in, e.msg);
+	if (rc)
+		return;
+	rc = json_write(&d, out, sizeof out, &len, &e);
+	out[len] = 0;
+	CHECK(rc == 0 && !strcmp(out, want), "roundtrip %s -> %s (want %s)", in, out, want);
+}
+
+static void bad(const char *in, const char *why)
+{
+	struct jdoc d = {nodes, 0, 256};
+	struct err e = {0};
+	int rc = json_parse(&d, in, strlen(in), &e);
+	CHECK(rc < 0 && strstr(e.msg, why), "bad JSON %s: rc=%d msg=%s (want %s)", in, rc, e.msg, why);
+}
+
+static void test_json(void)
+{
+	roundtrip(" { \"a\" : [1, -2.5e3, true, false, null, \"x\\\"\\u00e9\\n\"], \"b\":{} , \"c\":[]} ",
+		  "{\"a\":[1,-2.5e3,true,false,null,\"x\\\"\\u00e9\\n\"],\"b\":{},\"c\":[]}");
+	roundtrip("\"s\"", "\"s\"");
+	bad("{\"a\":}", "unexpected character");
+	bad("{\"a\":1", "unexpected end");
+	bad("[1,2] x", "trailing data");
+	bad("\"\\q\"", "bad escape");
+	bad("\"a\nb\"", "control character");
+	bad("tru", "bad literal");
+	char deep[200];
+	memset(deep, '[', 100);
+	memset(deep + 100, ']', 100);
+	{
+		struct jdoc d = {nodes, 0, 256};
+		struct err e = {0};
+		CHECK(json_parse(&d, deep, 200, &e) < 0 && strstr(e.msg, "deeply"), "depth limit: %s", e.msg);
+	}
+	{
+		static char many[4096];
+		strcpy(many, "[");
+		for (int i = 0; i < 300; i++)
+			strcat(many, i ? ",1" : "1");
+		strcat(many, "]");
+		struct jdoc d = {nodes, 0, 256};
+		struct err e = {0};
+		CHECK(json_parse(&d, many, strlen(many), &e) < 0 && strstr(e.msg, "more than 256"), "node limit: %s", e.msg);
+	}
+	{
+		const char *s = "{\"k\":\"a\\u00e9\\ud83d\\ude00\\/\\t\",\"n\":5}";
+		struct jdoc d = {nodes, 0, 256};
+		struct err e = {0};
+		char buf[64];
+		CHECK(json_parse(&d, s, strlen(s), &e) == 0, "parse: %s", e.msg);
+		int n = json_str(&d, json_get(&d, 0, "k"), buf, sizeof buf);
+		CHECK(n == 9 && !strcmp(buf, "a\xc3\xa9\xf0\x9f\x98\x80/\t"), "unescape: %d %s", n, buf);
+		CHECK(json_str(&d, json_get(&d, 0, "n"), buf, sizeof buf) < 0, "number is not a string");
+		CHECK(json_str(&d, json_get(&d, 0, "k"), buf, 4) < 0, "too small buffer");
+		CHECK(json_get(&d, 0, "missing") < 0, "missing key");
+	}
+	{
+		char q[64];
+		CHECK(json_quote("a\"b\\c\n", q, sizeof q) && !strcmp(q, "\"a\\\"b\\\\c\\u000a\""), "quote: %s", q);
+	}
+}
+
+static char spec_buf[65536];
+static struct spec_out so = {spec_buf, sizeof spec_buf, 0, {{{0}, {0}}}, 0};
+
+static const char *config =
+	"{\"ociVersion\":\"1.0.2\","
+	"\"process\":{\"terminal\":true,\"user\":{\"uid\":0,\"gid\":0},\"args\":[\"sh\"],"
+	"\"apparmorProfile\":\"cri-containerd.apparmor.d\",\"selinuxLabel\":\"x\","
+	"\"capabilities\":{\"bounding\":[\"CAP_KILL\"]},\"rlimits\":[{\"type\":\"RLIMIT_NOFILE\",\"hard\":1024,\"soft\":1024}]},"
+	"\"root\":{\"path\":\"/host/rootfs\",\"readonly\":true},"
+	"\"hostname\":\"pod\","
+	"\"mounts\":[{\"destination\":\"/proc\",\"type\":\"proc\",\"source\":\"proc\"},"
+	"{\"destination\":\"/etc/hosts\",\"type\":\"bind\",\"source\":\"/\",\"options\":[\"rbind\",\"ro\"]}],"
+	"\"hooks\":{\"prestart\":[{\"path\":\"/bin/x\"}]},"
+	"\"linux\":{\"cgroupsPath\":\"/k8s/abc\",\"resources\":{\"memory\":{\"limit\":1048576}},"
+	"\"sysctl\":{\"net.ipv4.ip_unprivileged_port_start\":\"0\",\"kernel.msgmax\":\"8192\"},"
+	"\"namespaces\":[{\"type\":\"pid\",\"path\":\"/proc/42/ns/pid\"},{\"type\":\"network\",\"path\":\"/var/run/netns/cni-1\"},"
+	"{\"type\":\"ipc\",\"path\":\"/proc/42/ns/ipc\"},{\"type\":\"uts\",\"path\":\"/proc/42/ns/uts\"},{\"type\":\"mount\"}],"
+	"\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\"},\"maskedPaths\":[\"/proc/kcore\"],\"readonlyPaths\":[\"/proc/sys\"],"
+	"\"mountLabel\":\"system_u:object_r\"}}";
+
+static const char *config_want =
+	"{\"ociVersion\":\"1.0.2\","
+	"\"process\":{\"terminal\":false,\"user\":{\"uid\":0,\"gid\":0},\"args\":[\"sh\"],"
+	"\"capabilities\":{\"bounding\":[\"CAP_KILL\"]},\"rlimits\":[{\"type\":\"RLIMIT_NOFILE\",\"hard\":1024,\"soft\":1024}]},"
+	"\"root\":{\"path\":\"/run/disks/x \\\"q\\\"\",\"readonly\":true},"
+	"\"hostname\":\"pod\","
+	"\"mounts\":[{\"destination\":\"/proc\",\"type\":\"proc\",\"source\":\"proc\"},"
+	"{\"destination\":\"/etc/hosts\",\"type\":\"bind\",\"source\":\"/\",\"options\":[\"rbind\",\"ro\"]}],"
+	"\"linux\":{\"cgroupsPath\":\"/k8s/abc\",\"resources\":{\"memory\":{\"limit\":1048576}},"
+	"\"sysctl\":{\"kernel.msgmax\":\"8192\"},"
+	"\"namespaces\":[{\"type\":\"pid\"},{\"type\":\"ipc\"},{\"type\":\"uts\"},{\"type\":\"mount\"}],"
+	"\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\"},\"maskedPaths\":[\"/proc/kcore\"],\"readonlyPaths\":[\"/proc/sys\"]}}";
+
+static void test_spec(void)
+{
+	struct err e = {0};
+	int rc = spec_adapt_config(config, strlen(config), "/run/disks/x \"q\"", false, &so, &e);
+	CHECK(rc == 0, "adapt config: %s", e.msg);
+	spec_buf[so.len] = 0;
+	CHECK(!strcmp(spec_buf, config_want), "adapted config:\n got %s\nwant %s", spec_buf, config_want);
+	CHECK(so.n_sysctl == 1 && !strcmp(so.sysctl[0].key, "net.ipv4.ip_unprivileged_port_start") &&
+		      !strcmp(so.sysctl[0].val, "0"),
+	      "net sysctls taken out: %d", so.n_sysctl);
+
+	/* No root object, namespaces without paths, network without path. */
+	const char *c2 = "{\"process\":{\"args\":[\"true\"]},\"linux\":{\"namespaces\":[{\"type\":\"network\"},{\"type\":\"uts\"}]},\"hostname\":\"h\"}";
+	rc = spec_adapt_config(c2, strlen(c2), "/r", true, &so, &e);
+	spec_buf[so.len] = 0;
+	CHECK(rc == 0 && !strcmp(spec_buf, "{\"process\":{\"args\":[\"true\"],\"terminal\":true},"
+					   "\"linux\":{\"namespaces\":[{\"type\":\"uts\"}]},\"hostname\":\"h\",\"root\":{\"path\":\"/r\"}}"),
+	      "minimal config: %s %s", e.msg, spec_buf);
+
+	const char *c3 = "{\"process\":{},\"mounts\":[{\"destination\":\"/data\",\"type\":\"none\",\"source\":\"/no/such/dir\",\"options\":[\"bind\"]}]}";
+	rc = spec_adapt_config(c3, strlen(c3), "/r", false, &so, &e);
+	CHECK(rc < 0 && e.code == C_INVALID_ARGUMENT && strstr(e.msg, "/data"), "missing bind source: %s", e.msg);
+
+	const char *c4 = "{\"root\":{}}";
+	rc = spec_adapt_config(c4, strlen(c4), "/r", false, &so, &e);
+	CHECK(rc < 0 && strstr(e.msg, "no process"), "no process: %s", e.msg);
+
+	rc = spec_adapt_config("[]", 2, "/r", false, &so, &e);
+	CHECK(rc < 0 && e.code == C_INVALID_ARGUMENT, "not an object: %s", e.msg);
+
+	const char *p = "{\"terminal\":false,\"args\":[\"sh\"],\"apparmorProfile\":\"a\",\"selinuxLabel\":\"s\",\"cwd\":\"/\"}";
+	rc = spec_adapt_process(p, strlen(p), true, &so, &e);
+	spec_buf[so.len] = 0;
+	CHECK(rc == 0 && !strcmp(spec_buf, "{\"terminal\":true,\"args\":[\"sh\"],\"cwd\":\"/\"}"), "process: %s %s", e.msg, spec_buf);
+
+	/* Output bound. */
+	struct spec_out tiny = {spec_buf, 10, 0, {{{0}, {0}}}, 0};
+	rc = spec_adapt_process(p, strlen(p), true, &tiny, &e);
+	CHECK(rc < 0 && e.code == C_RESOURCE_EXHAUSTED, "output bound: %s", e.msg);
+}
+
+int main(void)
+{
+	test_json();
+	test_spec();
+	printf("%d checks, %d failed\n", run, failed);
+	return failed != 0;
+}
