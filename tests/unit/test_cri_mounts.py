@@ -1,0 +1,331 @@
+"""CRI mounts: scanned on a real host tree, planned, refused with reasons, refreshed."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shim.cri_mounts import (
+    GUEST_ROOT,
+    FileCopy,
+    MountPlan,
+    changed_copies,
+    plan_mounts,
+    read_copy,
+    scan_mounts,
+    stale_guest_paths,
+)
+from shim.errors import InvalidArgument
+
+CID = "c" * 64
+BASE = f"{GUEST_ROOT}/{CID}"
+
+
+def bind(source: Path | str, destination: str, mode: str = "rw") -> dict[str, Any]:
+    # The shape containerd 1.6 CRI writes (pkg/cri/opts WithMounts).
+    return {
+        "destination": destination,
+        "type": "bind",
+        "source": str(source),
+        "options": ["rbind", "rprivate", mode],
+    }
+
+
+def plan(mounts: list[dict[str, Any]], **limits: Any) -> MountPlan:
+    return plan_mounts(CID, mounts, scan_mounts(mounts), **limits)
+
+
+def refused(mounts: list[dict[str, Any]], **limits: Any) -> str:
+    with pytest.raises(InvalidArgument) as err:
+        plan(mounts, **limits)
+    return str(err.value)
+
+
+def configmap(root: Path, data: dict[str, bytes], stamp: str) -> Path:
+    """A kubelet atomic-writer volume.
+
+    ..<stamp>/<key> holds the data, ..data -> ..<stamp>, and <key> -> ..data/<key>.
+    """
+    root.mkdir(exist_ok=True)
+    (root / f"..{stamp}").mkdir()
+    for key, value in data.items():
+        (root / f"..{stamp}" / key).write_bytes(value)
+        (root / f"..{stamp}" / key).chmod(0o644)
+    tmp = root / "..data_tmp"
+    tmp.symlink_to(f"..{stamp}")
+    tmp.replace(root / "..data")
+    for key in data:
+        if not (root / key).is_symlink():
+            (root / key).symlink_to(f"..data/{key}")
+    return root
+
+
+KERNEL_MOUNTS: list[dict[str, Any]] = [
+    {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid"]},
+    {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["mode=755"]},
+    {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["newinstance"]},
+    {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid"]},
+    {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]},
+    {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["ro"]},
+]
+
+
+def test_cri_default_mounts(tmp_path: Path) -> None:
+    sandbox = tmp_path / "sandboxes" / "s1"
+    (sandbox / "shm").mkdir(parents=True)
+    for name, text in [
+        ("hosts", "127.0.0.1 localhost\n"),
+        ("resolv.conf", "nameserver 10.0.0.10\n"),
+    ]:
+        (sandbox / name).write_text(text)
+    (sandbox / "hostname").write_text("pod\n")
+    (sandbox / "hostname").chmod(0o600)
+    term = tmp_path / "termination-log"
+    term.touch()
+    mounts = [
+        *KERNEL_MOUNTS,
+        bind(sandbox / "hostname", "/etc/hostname"),
+        bind(sandbox / "hosts", "/etc/hosts"),
+        bind(sandbox / "resolv.conf", "/etc/resolv.conf", "ro"),
+        bind(sandbox / "shm", "/dev/shm"),
+        bind(term, "/dev/termination-log"),
+    ]
+    result = plan(mounts)
+
+    n = len(KERNEL_MOUNTS)
+    assert list(result.mounts[:n]) == KERNEL_MOUNTS
+    assert [m["source"] for m in result.mounts[n:]] == [
+        f"{BASE}/{n}",
+        f"{BASE}/{n + 1}",
+        f"{BASE}/{n + 2}",
+        "/dev/shm",
+        f"{BASE}/{n + 4}",
+    ]
+    # Type and options (ro/rw, propagation) are kept.
+    assert result.mounts[n + 2] == {**mounts[n + 2], "source": f"{BASE}/{n + 2}"}
+    uid, gid = os.getuid(), os.getgid()
+    st = (sandbox / "hosts").stat()
+    assert result.copies[1] == FileCopy(
+        host_path=str(sandbox / "hosts"),
+        guest_path=f"{BASE}/{n + 1}",
+        mode=0o644 & ~_umask(),
+        uid=uid,
+        gid=gid,
+        size=len("127.0.0.1 localhost\n"),
+        mtime_ns=st.st_mtime_ns,
+    )
+    assert result.copies[0].mode == 0o600
+    assert [c.host_path for c in result.copies] == [
+        str(sandbox / "hostname"),
+        str(sandbox / "hosts"),
+        str(sandbox / "resolv.conf"),
+        str(term),
+    ]
+    assert not any(c.is_dir or c.symlink_target for c in result.copies)
+    # Only the termination log is worth a note: the others are CRI's pod files.
+    assert len(result.notes) == 1 and "/dev/termination-log" in result.notes[0]
+    assert read_copy(result.copies[1]) == b"127.0.0.1 localhost\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_configmap_directory_is_copied_in_order(tmp_path: Path) -> None:
+    volume = configmap(tmp_path / "cm", {"app.conf": b"a=1\n", "b.txt": b"b"}, "2024_01_01")
+    result = plan([bind(volume, "/etc/app", "ro")])
+    assert result.notes == ()
+    assert result.mounts[0]["source"] == f"{BASE}/0"
+    got = [
+        (c.guest_path.removeprefix(f"{BASE}/0"), c.is_dir, c.symlink_target) for c in result.copies
+    ]
+    assert got == [
+        ("", True, None),
+        ("/..2024_01_01", True, None),
+        ("/..2024_01_01/app.conf", False, None),
+        ("/..2024_01_01/b.txt", False, None),
+        ("/..data", False, "..2024_01_01"),
+        ("/app.conf", False, "..data/app.conf"),
+        ("/b.txt", False, "..data/b.txt"),
+    ]
+    file_copy = result.copies[2]
+    assert file_copy.host_path == str(volume / "..2024_01_01" / "app.conf")
+    assert (file_copy.mode, file_copy.size) == (0o644, 4)
+    assert read_copy(file_copy) == b"a=1\n"
+
+
+def test_read_write_directory_is_noted(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = plan([bind(tmp_path / "empty", "/data")])
+    assert [c.is_dir for c in result.copies] == [True]
+    assert "read-write directory" in result.notes[0]
+
+
+def test_big_directory_is_refused_with_the_count(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(70):
+        (big / f"f{i}").touch()
+    assert refused([bind(big, "/data")]) == (
+        f"mount /data (source {big}): directory has 70 files; "
+        "only directories up to 64 files are copied into the VM"
+    )
+
+
+def test_huge_directory_walk_stops_at_the_scan_limit(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    (big / "sub").mkdir(parents=True)
+    for i in range(30):
+        (big / "sub" / f"f{i}").touch()
+    mounts = [bind(big, "/data")]
+    trees = scan_mounts(mounts, limit=10)
+    assert trees[str(big)].truncated and len(trees[str(big)].entries) == 11
+    with pytest.raises(InvalidArgument, match="directory has more than 10 entries"):
+        plan_mounts(CID, mounts, trees)
+
+
+def test_too_many_entries_and_too_many_bytes(tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    for i in range(5):
+        (tree / f"d{i}").mkdir(parents=True)
+        (tree / f"d{i}" / "f").write_bytes(b"x" * 100)
+    assert "directory has 10 entries" in refused([bind(tree, "/t")], max_dir_entries=9)
+    assert "directory holds 500 bytes" in refused([bind(tree, "/t")], max_dir_bytes=499)
+
+
+def test_big_file_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 2049)
+    assert refused([bind(big, "/big")], max_file_bytes=2048) == (
+        f"mount /big (source {big}): file is 2049 bytes; "
+        "only files up to 2048 bytes are copied into the VM"
+    )
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "inner").write_bytes(b"x" * 2049)
+    assert "inner is 2049 bytes" in refused([bind(tmp_path / "d", "/d")], max_file_bytes=2048)
+
+
+def test_fifo_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert refused([bind(fifo, "/run/fifo")]) == (
+        f"mount /run/fifo (source {fifo}): a FIFO cannot be copied into the VM; "
+        "only regular files and small directories are"
+    )
+    (tmp_path / "d").mkdir()
+    os.mkfifo(tmp_path / "d" / "p")
+    assert "p is a FIFO" in refused([bind(tmp_path / "d", "/d")])
+
+
+def test_socket_is_refused(sock_dir: Path) -> None:
+    path = sock_dir / "s.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+        assert "a socket cannot be copied" in refused([bind(path, "/var/run/app.sock")])
+
+
+def test_block_device_is_refused() -> None:
+    devices = [p for p in Path("/dev").iterdir() if p.is_block_device()]
+    if not devices:
+        pytest.skip("no block device on this machine")
+    assert "a block device cannot be copied" in refused([bind(devices[0], "/dev/disk")])
+
+
+def test_missing_source_is_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    assert refused([bind(missing, "/x")]) == (
+        f"mount /x (source {missing}): No such file or directory on the host"
+    )
+
+
+def test_escaping_symlink_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "out").symlink_to("../../etc/passwd")
+    assert "out is a symlink to ../../etc/passwd, outside the directory" in refused(
+        [bind(tmp_path / "d", "/d")]
+    )
+    (tmp_path / "d" / "out").unlink()
+    (tmp_path / "d" / "abs").symlink_to("/etc/passwd")
+    assert "outside the directory" in refused([bind(tmp_path / "d", "/d")])
+
+
+def test_symlinked_source_is_followed_like_a_bind_mount(tmp_path: Path) -> None:
+    (tmp_path / "real").write_text("x")
+    (tmp_path / "link").symlink_to("real")
+    result = plan([bind(tmp_path / "link", "/etc/x")])
+    assert [(c.size, c.symlink_target) for c in result.copies] == [(1, None)]
+
+
+def test_other_filesystem_types_are_refused() -> None:
+    mount = {"destination": "/nfs", "type": "nfs", "source": "server:/export", "options": []}
+    msg = refused([mount])
+    assert msg.startswith("mount /nfs (source server:/export): filesystem type 'nfs' cannot")
+
+
+def test_relative_bind_source_is_refused() -> None:
+    assert "absolute host path" in refused([bind("rel/path", "/x")])
+
+
+def test_non_utf8_name_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    fd = os.open(os.fsencode(tmp_path / "d") + b"/bad\xff", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.close(fd)
+    assert "bad\\udcff is not a UTF-8 name" in refused([bind(tmp_path / "d", "/d")])
+
+
+def test_guest_path_too_long_is_refused(tmp_path: Path) -> None:
+    deep = tmp_path / "d" / ("x" * 100) / ("y" * 100)
+    deep.mkdir(parents=True)
+    assert "longer than 255 bytes" in refused([bind(tmp_path / "d", "/d")])
+
+
+def test_changed_copies_after_a_configmap_update(tmp_path: Path) -> None:
+    volume = configmap(tmp_path / "cm", {"k": b"1"}, "2024_01_01")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a\n")
+    mounts = [bind(volume, "/etc/cm", "ro"), bind(hosts, "/etc/hosts")]
+    first = plan(mounts)
+    assert changed_copies(first, plan(mounts)) == []
+
+    configmap(volume, {"k": b"2", "new": b"3"}, "2024_01_02")
+    st = hosts.stat()
+    hosts.write_text("b\n")
+    os.utime(hosts, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    second = plan(mounts)
+    changed = [c.guest_path.removeprefix(BASE) for c in changed_copies(first, second)]
+    # The new timestamped directory and its files first, then the ..data swap, then
+    # the new key's symlink; the hosts file changed too.
+    assert changed == [
+        "/0/..2024_01_02",
+        "/0/..2024_01_02/k",
+        "/0/..2024_01_02/new",
+        "/0/..data",
+        "/0/new",
+        "/1",
+    ]
+    assert stale_guest_paths(first, second) == []
+    assert stale_guest_paths(second, first) == [
+        f"{BASE}/0/..2024_01_02/k",
+        f"{BASE}/0/..2024_01_02/new",
+        f"{BASE}/0/..2024_01_02",
+        f"{BASE}/0/new",
+    ]
+
+
+def test_read_copy_refuses_a_grown_or_replaced_file(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"small")
+    copy = plan([bind(path, "/f")]).copies[0]
+    path.write_bytes(b"x" * 11)
+    with pytest.raises(InvalidArgument, match="grew past 10 bytes"):
+        read_copy(copy, max_bytes=10)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(InvalidArgument, match="no longer a regular file"):
+        read_copy(copy)
