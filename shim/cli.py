@@ -1,0 +1,290 @@
+"""`containerd-shim-cloudhv-v1`: the binary containerd runs (`start`, `delete`, `-v`, `-info`).
+
+`start` runs once per container, so its import set is kept to the standard
+library (protobuf alone costs ~45 ms here; see shim/pbwire.py). It finds the
+pod's socket, and either reuses the pod's live daemon or binds the socket,
+spawns the daemon fully detached with the listening socket, waits for it to be
+ready and prints the address. `delete` cleans up from persisted state alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim import pbwire, spec
+
+RUNTIME = "io.containerd.cloudhv.v1"
+VERSION = "0.1.0"
+SOCKET_ROOT = Path("/run/containerd/s")
+SOCKET_PATH_MAX = 106
+READY_TIMEOUT_S = 20.0
+BUNDLE_FILE = "cloudhv-shim.json"  # what `delete` needs when only the bundle is left
+
+
+class UsageError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Args:
+    namespace: str = ""
+    address: str = ""
+    publish_binary: str = ""
+    id: str = ""
+    bundle: str = ""
+    debug: bool = False
+    version: bool = False
+    info: bool = False
+    action: str = ""
+
+
+_STRING_FLAGS = {
+    "namespace": "namespace",
+    "address": "address",
+    "publish-binary": "publish_binary",
+    "id": "id",
+    "bundle": "bundle",
+    # Accepted for compatibility with the Go shim's flag set, ignored.
+    "socket": "",
+}
+_BOOL_FLAGS = {"debug": "debug", "v": "version", "info": "info"}
+_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
+_FALSE = {"0", "f", "F", "false", "FALSE", "False"}
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """Go `flag` semantics: `-x v`, `--x v`, `-x=v`; bools as `-x` or `-x=false`;
+    parsing stops at the first non-flag argument or after `--`."""
+    values: dict[str, object] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            rest = list(argv[i:])
+            break
+        if len(arg) < 2 or not arg.startswith("-"):
+            rest = list(argv[i - 1 :])
+            break
+        name = arg[2:] if arg.startswith("--") else arg[1:]
+        if not name or name.startswith("-") or name.startswith("="):
+            raise UsageError(f"bad flag syntax: {arg}")
+        name, has_value, value = name.partition("=")
+        if name in _BOOL_FLAGS:
+            if has_value and value not in _TRUE | _FALSE:
+                raise UsageError(f"invalid boolean value {value!r} for -{name}")
+            values[_BOOL_FLAGS[name]] = (not has_value) or value in _TRUE
+        elif name in _STRING_FLAGS:
+            if not has_value:
+                if i >= len(argv):
+                    raise UsageError(f"flag needs an argument: -{name}")
+                value = argv[i]
+                i += 1
+            if _STRING_FLAGS[name]:
+                values[_STRING_FLAGS[name]] = value
+        elif name in ("h", "help"):
+            raise UsageError("help requested")
+        else:
+            raise UsageError(f"flag provided but not defined: -{name}")
+    action = rest[0] if rest else ""
+    return Args(action=action, **values)  # type: ignore[arg-type]
+
+
+def socket_path(grpc_address: str, namespace: str, group_id: str) -> Path:
+    """containerd's shim socket convention: sha256 of filepath.Join(address, ns, id)."""
+    joined = os.path.normpath("/".join(p for p in (grpc_address, namespace, group_id) if p))
+    path = SOCKET_ROOT / hashlib.sha256(joined.encode()).hexdigest()
+    if len(str(path)) > SOCKET_PATH_MAX:
+        raise UsageError(f"socket path {path} is longer than {SOCKET_PATH_MAX} bytes")
+    return path
+
+
+def _can_connect(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def bind_listener(path: Path) -> socket.socket | None:
+    """A listening socket at `path`, or None if a live server already listens there."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for _ in range(2):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket file is created 0600
+        try:
+            sock.bind(str(path))
+            sock.listen(128)
+            return sock
+        except OSError as err:
+            sock.close()
+            if err.errno != errno.EADDRINUSE:
+                raise
+            if _can_connect(path):
+                return None
+            path.unlink(missing_ok=True)  # a dead shim's socket
+        finally:
+            os.umask(old_umask)
+    raise UsageError(f"cannot bind {path}: address in use")
+
+
+def write_address(bundle: Path, address: str) -> None:
+    """The bundle's `address` file, exactly as printed (no newline), written atomically."""
+    tmp = bundle / ".address.tmp"
+    tmp.write_text(address)
+    os.replace(tmp, bundle / "address")
+
+
+def _daemon_argv(
+    args: Args, pod_id: str, path: Path, config_path: str, fds: tuple[int, int]
+) -> list[str]:
+    root = str(Path(__file__).resolve().parent.parent)
+    # -sE: no user site, no PYTHON* env; the checkout (or site-packages) goes on sys.path.
+    # The binary's name stays visible in the command line, for ps and for tests.
+    boot = (
+        f"import sys; sys.argv[0] = 'containerd-shim-cloudhv-v1'; sys.path.insert(0, {root!r}); "
+        "from shim.daemon import main; sys.exit(main())"
+    )
+    argv = [
+        sys.executable, "-sE", "-c", boot,
+        "--namespace", args.namespace,
+        "--address", args.address,
+        "--publish-binary", args.publish_binary,
+        "--id", args.id,
+        "--pod-id", pod_id,
+        "--bundle", str(Path.cwd()),
+        "--socket", str(path),
+        "--config-path", config_path,
+        "--listen-fd", str(fds[0]),
+        "--ready-fd", str(fds[1]),
+    ]
+    if args.debug:
+        argv.append("--debug")
+    return argv
+
+
+def _await_ready(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            raise UsageError(f"shim daemon not ready after {timeout:.0f}s")
+        readable, _, _ = select.select([fd], [], [], left)
+        if not readable:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            code = proc.poll()
+            raise UsageError(f"shim daemon exited before it was ready (status {code})")
+        buf += chunk
+    line = buf.split(b"\n", 1)[0].decode(errors="replace")
+    if line != "ok":
+        raise UsageError(line.removeprefix("error: "))
+
+
+def start(args: Args, stdin: bytes) -> str:
+    bundle = Path.cwd()
+    identity = spec.identify(args.id, spec.bundle_annotations(bundle))
+    path = socket_path(args.address, args.namespace, identity.pod_id)
+    address = f"unix://{path}"
+    config_path = pbwire.config_path_from_stdin(stdin, args.id, args.namespace)
+    _write_bundle_file(bundle, identity.pod_id, config_path)
+    listener = bind_listener(path)
+    if listener is None:  # the pod's daemon is alive: this task joins it
+        write_address(bundle, address)
+        return address
+    ready_r, ready_w = os.pipe()
+    try:
+        fds = (listener.fileno(), ready_w)
+        proc = subprocess.Popen(
+            _daemon_argv(args, identity.pod_id, path, config_path, fds),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=fds,
+            start_new_session=True,  # no signal for containerd's process group reaches it
+            cwd="/",
+        )
+        os.close(ready_w)
+        ready_w = -1
+        _await_ready(ready_r, proc, READY_TIMEOUT_S)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        listener.close()
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
+    write_address(bundle, address)
+    return address
+
+
+def _write_bundle_file(bundle: Path, pod_id: str, config_path: str) -> None:
+    import json
+
+    tmp = bundle / f".{BUNDLE_FILE}.tmp"
+    tmp.write_text(json.dumps({"pod_id": pod_id, "config_path": config_path}))
+    os.replace(tmp, bundle / BUNDLE_FILE)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as err:
+        print(f"containerd-shim-cloudhv-v1: {err}", file=sys.stderr)
+        print(
+            "usage: containerd-shim-cloudhv-v1 -namespace NS -address ADDR "
+            "-publish-binary BIN -id ID [-bundle DIR] [-debug] start|delete",
+            file=sys.stderr,
+        )
+        return 2
+    if args.version:
+        print(f"containerd-shim-cloudhv-v1:\n  Runtime: {RUNTIME}\n  Version: {VERSION}")
+        return 0
+    try:
+        if args.info:
+            from shim.delete import runtime_info
+
+            sys.stdout.buffer.write(runtime_info(sys.stdin.buffer.read()))
+            return 0
+        if args.action == "start":
+            _require(args, "namespace", "address", "id")
+            stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+            sys.stdout.write(start(args, stdin))
+            return 0
+        if args.action == "delete":
+            _require(args, "namespace", "id")
+            from shim.delete import delete
+
+            sys.stdout.buffer.write(delete(args))
+            return 0
+    except (UsageError, OSError, pbwire.WireError) as err:
+        print(f"containerd-shim-cloudhv-v1 {args.action}: {err}", file=sys.stderr)
+        return 1
+    print(f"containerd-shim-cloudhv-v1: unknown action {args.action!r}", file=sys.stderr)
+    return 2
+
+
+def _require(args: Args, *names: str) -> None:
+    missing = [n for n in names if not getattr(args, n)]
+    if missing:
+        raise UsageError("missing flags: " + ", ".join(f"-{n}" for n in missing))

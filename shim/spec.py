@@ -1,0 +1,107 @@
+"""Pure helpers over the OCI runtime spec (bundle config.json) and CRI annotations.
+
+Only the standard library: `start` imports this to find the pod a task belongs to.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+
+PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+
+
+class SpecError(ValueError):
+    """The bundle's config.json (or an exec spec) is missing or malformed."""
+
+
+class TaskKind(enum.Enum):
+    SANDBOX = "sandbox"  # a CRI pod's pause container: the VM itself
+    CONTAINER = "container"  # a CRI app container, joining its sandbox's VM
+    STANDALONE = "standalone"  # no CRI annotations (`ctr run`): a pod of one
+
+
+@dataclass(frozen=True)
+class TaskIdentity:
+    pod_id: str
+    kind: TaskKind
+
+
+def identify(task_id: str, annotations: Mapping[str, str]) -> TaskIdentity:
+    """Which pod a task belongs to and what role it plays there."""
+    sandbox_id = annotations.get(SANDBOX_ID, "")
+    kind = annotations.get(CONTAINER_TYPE, "")
+    if kind == "sandbox":
+        return TaskIdentity(sandbox_id or task_id, TaskKind.SANDBOX)
+    if kind == "container" and sandbox_id:
+        return TaskIdentity(sandbox_id, TaskKind.CONTAINER)
+    if sandbox_id and sandbox_id != task_id:
+        return TaskIdentity(sandbox_id, TaskKind.CONTAINER)
+    return TaskIdentity(task_id, TaskKind.STANDALONE)
+
+
+def read_spec(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError as err:
+        raise SpecError(f"OCI spec {path}: not found") from err
+    except OSError as err:
+        raise SpecError(f"OCI spec {path}: {err.strerror or err}") from err
+    except ValueError as err:
+        raise SpecError(f"OCI spec {path}: invalid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise SpecError(f"OCI spec {path}: not a JSON object")
+    return data
+
+
+def annotations_of(spec: Mapping[str, Any]) -> dict[str, str]:
+    raw = spec.get("annotations") or {}
+    if not isinstance(raw, dict):
+        raise SpecError("OCI spec: annotations is not an object")
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def bundle_annotations(bundle: Path) -> dict[str, str]:
+    """Annotations of `bundle`/config.json; {} when the file is absent."""
+    try:
+        return annotations_of(read_spec(bundle / "config.json"))
+    except SpecError:
+        return {}
+
+
+def exec_process_json(type_url: str, value: bytes) -> bytes:
+    """Validate an exec's spec Any and return the Process JSON for the agent."""
+    if type_url.rsplit("/", 1)[-1] != "Process" and type_url != PROCESS_TYPE_URL:
+        raise SpecError(f"exec spec has type {type_url!r}, want {PROCESS_TYPE_URL!r}")
+    try:
+        process = json.loads(value)
+    except ValueError as err:
+        raise SpecError(f"exec spec: invalid JSON: {err}") from err
+    if not isinstance(process, dict):
+        raise SpecError("exec spec: Process is not a JSON object")
+    args = process.get("args")
+    if not isinstance(args, list) or not args:
+        raise SpecError("exec spec: process.args must be a non-empty list")
+    return bytes(value)
+
+
+def resources_json(type_url: str, value: bytes) -> bytes:
+    """Validate an Update's resources Any (OCI LinuxResources JSON)."""
+    if not type_url.endswith("LinuxResources"):
+        raise SpecError(f"update resources have type {type_url!r}, want {RESOURCES_TYPE_URL!r}")
+    try:
+        resources = json.loads(value)
+    except ValueError as err:
+        raise SpecError(f"update resources: invalid JSON: {err}") from err
+    if not isinstance(resources, dict):
+        raise SpecError("update resources: LinuxResources is not a JSON object")
+    return bytes(value)
+

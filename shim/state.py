@@ -1,0 +1,213 @@
+"""Persisted per-pod state, enough to clean up after the daemon died (SIGKILL, host crash).
+
+One JSON file per pod at `<state_dir>/<pod id>/state.json`, replaced atomically
+(write a temp file, fsync, rename). The rule for writers: record a resource
+*before* creating it, forget it only *after* removing it, so that `cleanup` run
+from this file alone never misses anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shim import rootfs
+from shim.vmm.procs import is_same_process, kill_recorded
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+class StateError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ProcRef:
+    """A host process, identified against pid reuse by its start time."""
+
+    pid: int
+    start_time: int
+
+    def alive(self) -> bool:
+        """Running (not a zombie: a killed daemon's parent may never reap it)."""
+        return is_same_process(self.pid, self.start_time) and not _is_zombie(self.pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read()
+    except OSError:
+        return True
+    return stat[stat.rindex(b")") + 2 :].startswith((b"Z", b"X"))
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    id: str
+    path: str  # host image file, deleted on cleanup
+    container_id: str
+
+
+@dataclass(frozen=True)
+class PodState:
+    pod_id: str
+    namespace: str = ""
+    socket: str = ""  # the shim's ttrpc socket path (no unix://)
+    daemon: ProcRef | None = None
+    vm_dir: str = ""  # VmSpec.state_dir
+    vmm: ProcRef | None = None
+    helpers: tuple[ProcRef, ...] = ()
+    work_dir: str = ""  # host scratch: disk images, temporary mounts
+    disks: tuple[DiskRecord, ...] = ()
+    containers: tuple[str, ...] = ()  # task ids, the sandbox's included
+    bundles: dict[str, str] = field(default_factory=dict)  # task id -> bundle path
+
+    def replace(self, **changes: Any) -> PodState:
+        return dataclasses.replace(self, **changes)
+
+
+def to_json(state: PodState) -> str:
+    return json.dumps(dataclasses.asdict(state), indent=1, sort_keys=True)
+
+
+def from_json(text: str) -> PodState:
+    try:
+        raw = json.loads(text)
+        return PodState(
+            pod_id=str(raw["pod_id"]),
+            namespace=str(raw.get("namespace", "")),
+            socket=str(raw.get("socket", "")),
+            daemon=_proc(raw.get("daemon")),
+            vm_dir=str(raw.get("vm_dir", "")),
+            vmm=_proc(raw.get("vmm")),
+            helpers=tuple(p for p in map(_proc, raw.get("helpers") or ()) if p is not None),
+            work_dir=str(raw.get("work_dir", "")),
+            disks=tuple(
+                DiskRecord(str(d["id"]), str(d["path"]), str(d.get("container_id", "")))
+                for d in raw.get("disks") or ()
+            ),
+            containers=tuple(str(c) for c in raw.get("containers") or ()),
+            bundles={str(k): str(v) for k, v in (raw.get("bundles") or {}).items()},
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        raise StateError(f"invalid pod state: {err}") from err
+
+
+def _proc(raw: Any) -> ProcRef | None:
+    if not raw:
+        return None
+    return ProcRef(int(raw["pid"]), int(raw["start_time"]))
+
+
+def check_id(pod_id: str) -> str:
+    if not pod_id or pod_id in (".", "..") or "/" in pod_id or "\0" in pod_id:
+        raise StateError(f"invalid pod id {pod_id!r}")
+    return pod_id
+
+
+_KEY_MAX = 24
+
+
+def pod_key(pod_id: str) -> str:
+    """The pod's directory name: the id itself when short, else a prefix and a hash.
+
+    Unix socket paths (the VM's vsock and QMP sockets live in the pod's dir) are
+    limited to 107 bytes, and CRI pod ids alone are 64.
+    """
+    check_id(pod_id)
+    if len(pod_id) <= _KEY_MAX and pod_id.isascii():
+        return pod_id
+    return pod_id[:12] + "-" + hashlib.sha256(pod_id.encode()).hexdigest()[:8]
+
+
+class StateStore:
+    """The directory holding every pod's state: `<root>/<pod id>/state.json`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def pod_dir(self, pod_id: str) -> Path:
+        return self.root / pod_key(pod_id)
+
+    def save(self, state: PodState) -> None:
+        directory = self.pod_dir(state.pod_id)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = directory / STATE_FILE
+        tmp = directory / f".{STATE_FILE}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, to_json(state).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+
+    def load(self, pod_id: str) -> PodState | None:
+        try:
+            text = (self.pod_dir(pod_id) / STATE_FILE).read_text()
+        except FileNotFoundError:
+            return None
+        return from_json(text)
+
+    def find_task(self, task_id: str) -> PodState | None:
+        """The pod holding task `task_id` (a pod's own id counts)."""
+        direct = self.load(task_id) if _valid(task_id) else None
+        if direct is not None:
+            return direct
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted(self.root.iterdir()):
+                with contextlib.suppress(StateError, OSError, ValueError):
+                    state = from_json((entry / STATE_FILE).read_text())
+                    if task_id in state.containers:
+                        return state
+        return None
+
+    def remove(self, pod_id: str) -> None:
+        shutil.rmtree(self.pod_dir(pod_id), ignore_errors=True)
+
+
+def _valid(pod_id: str) -> bool:
+    try:
+        check_id(pod_id)
+    except StateError:
+        return False
+    return True
+
+
+def cleanup(state: PodState, store: StateStore, *, keep_socket: bool = False) -> list[str]:
+    """Remove everything `state` records: processes, mounts, images, sockets, dirs.
+
+    Idempotent and safe against pid reuse. Returns what was done, for the log.
+    """
+    done: list[str] = []
+    for ref in (state.vmm, *state.helpers):
+        if ref is not None and kill_recorded(ref.pid, ref.start_time):
+            done.append(f"killed pid {ref.pid}")
+    dirs = [Path(d) for d in (state.work_dir, state.vm_dir) if d]
+    dirs.append(store.pod_dir(state.pod_id))
+    for point in rootfs.unmount_under(dirs):
+        done.append(f"unmounted {point}")
+    for disk in state.disks:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(disk.path)
+            done.append(f"removed {disk.path}")
+    if state.socket and not keep_socket:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state.socket)
+            done.append(f"removed {state.socket}")
+    for directory in dirs:
+        if directory.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            done.append(f"removed {directory}")
+    return done

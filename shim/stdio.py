@@ -1,0 +1,456 @@
+"""A task's stdio on the host side, and the pumps between it and the guest agent.
+
+Targets (chosen by the scheme of the stdout URI, as containerd's runc shim does):
+- no scheme: FIFOs made by the client (a regular file there is appended to).
+  Each FIFO is opened O_RDWR: we hold a read side, so a reader that goes away
+  never makes our writes fail with EPIPE.
+- `file:///path`: stdout and stderr appended to one file (parents created, 0644).
+- `binary:///path?k=v` / `binary-v2://`: a logger process reading fds 3 and 4,
+  signalling readiness on fd 5.
+
+Pumps move bytes with back-pressure and never drop any: output is read from the
+agent by long polls and written out before the next poll; stdin is resent until
+the agent took all of it. A process' exit is reported only after `drain()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+from shim.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+LOGGER_STOP_TIMEOUT_S = 12.0
+LOGGER_READY_TIMEOUT_S = 10.0
+
+
+# -- parsing (pure) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StdioSpec:
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+    @property
+    def null(self) -> bool:
+        return not (self.stdin or self.stdout or self.stderr or self.terminal)
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where stdout and stderr go."""
+
+    kind: str  # "null" | "fifo" | "file" | "binary"
+    stdout: str = ""  # path (fifo/file: stdout's; binary: the logger executable)
+    stderr: str = ""  # fifo: stderr's path ("" = none)
+    args: tuple[str, ...] = ()  # binary logger arguments
+    ready_byte: bool = False  # binary-v2: readiness is one byte, not EOF
+
+
+def plan_output(spec: StdioSpec) -> OutputPlan:
+    if not spec.stdout and not spec.stderr:
+        return OutputPlan("null")
+    uri = spec.stdout or spec.stderr
+    parts = urlsplit(uri)
+    scheme = parts.scheme
+    if scheme in ("", "fifo"):
+        return OutputPlan("fifo", spec.stdout, spec.stderr)
+    if scheme == "file":
+        if not parts.path:
+            raise InvalidArgument(f"stdio URI {uri!r}: file:// needs an absolute path")
+        return OutputPlan("file", parts.path)
+    if scheme in ("binary", "binary-v2"):
+        if not parts.path:
+            raise InvalidArgument(f"stdio URI {uri!r}: {scheme}:// needs the logger's path")
+        args: list[str] = []
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            args.append(key)
+            if value:
+                args.append(value)
+        return OutputPlan("binary", parts.path, args=tuple(args), ready_byte=scheme == "binary-v2")
+    raise InvalidArgument(f"unknown STDIO scheme {scheme!r} in {uri!r}")
+
+
+# -- host fds ---------------------------------------------------------------------------
+
+
+class FdWriter:
+    """Writes whole buffers to a non-blocking fd, waiting (not failing) when it is full."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        os.set_blocking(fd, False)
+        self._closed = False
+        self.lock = asyncio.Lock()  # stdout and stderr may share one writer
+
+    async def write(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        async with self.lock:
+            while view:
+                if self._closed:
+                    raise OSError(errno.EBADF, f"{self.name} is closed")
+                try:
+                    n = os.write(self.fd, view)
+                except BlockingIOError:
+                    await _wait_writable(loop, self.fd)
+                    continue
+                view = view[n:]
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
+class FdReader:
+    """Reads a non-blocking fd; b"" means EOF (for a FIFO: the last writer closed).
+
+    After `finish()`, reads return what is already buffered, then EOF instead of
+    waiting for more.
+    """
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        os.set_blocking(fd, False)
+        self._closed = False
+        self._finishing = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def read(self, size: int = CHUNK) -> bytes:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._closed:
+                return b""
+            try:
+                return os.read(self.fd, size)
+            except BlockingIOError:
+                if self._finishing:
+                    return b""
+                self._waiter = loop.create_future()
+                loop.add_reader(self.fd, self._wake)
+                try:
+                    await self._waiter
+                finally:
+                    loop.remove_reader(self.fd)
+                    self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def finish(self) -> None:
+        self._finishing = True
+        self._wake()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._wake()
+            os.close(self.fd)
+
+
+async def _wait_writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
+
+
+def open_output_fifo(path: str) -> int:
+    """O_RDWR on a FIFO never blocks and keeps a reader; a regular file is appended to."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise InvalidArgument(f"stdio {path}: {err.strerror or err}") from err
+    if stat.S_ISFIFO(mode):
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+
+def open_log_file(path: str) -> int:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def open_stdin_fifo(path: str) -> int:
+    # O_NONBLOCK so the open does not wait for a writer. Linux does not report
+    # hang-up on such a FIFO until a writer has come and gone, so a read is only
+    # attempted once there is data or a real EOF.
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise InvalidArgument(f"stdin {path}: {err.strerror or err}") from err
+
+
+# -- the process' IO -------------------------------------------------------------------
+
+ReadOutput = Callable[[], Awaitable[tuple[bytes, bool]]]  # one long poll: (data, eof)
+WriteStdin = Callable[[bytes], Awaitable[int]]  # returns bytes accepted
+CloseStdin = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Guest:
+    """The agent calls for one process' streams."""
+
+    read_stdout: ReadOutput
+    read_stderr: ReadOutput
+    write_stdin: WriteStdin
+    close_stdin: CloseStdin
+
+
+class ProcessIO:
+    """Host stdio of one process, and the pumps feeding it. Owns its fds and tasks.
+
+    Lifecycle: `await open()`; `start(guest)` once the guest process exists; `drain()`
+    before reporting the exit; `close()` always (idempotent).
+    """
+
+    def __init__(self, spec: StdioSpec, container_id: str, namespace: str) -> None:
+        self.spec = spec
+        self._container_id = container_id
+        self._namespace = namespace
+        self._stdout: FdWriter | None = None
+        self._stderr: FdWriter | None = None
+        self._stdin: FdReader | None = None
+        self._logger: asyncio.subprocess.Process | None = None
+        self._out_tasks: list[asyncio.Task[None]] = []
+        self._in_task: asyncio.Task[None] | None = None
+        self._guest: Guest | None = None
+        self._stdin_closed = False
+
+    @property
+    def has_stdin(self) -> bool:
+        return bool(self.spec.stdin)
+
+    async def open(self) -> None:
+        try:
+            plan = plan_output(self.spec)
+            if plan.kind == "fifo":
+                if plan.stdout:
+                    self._stdout = FdWriter(open_output_fifo(plan.stdout), plan.stdout)
+                if plan.stderr:
+                    if plan.stderr == plan.stdout:
+                        self._stderr = self._stdout
+                    else:
+                        self._stderr = FdWriter(open_output_fifo(plan.stderr), plan.stderr)
+            elif plan.kind == "file":
+                self._stdout = FdWriter(open_log_file(plan.stdout), plan.stdout)
+                self._stderr = self._stdout
+            elif plan.kind == "binary":
+                await self._start_logger(plan)
+            if self.spec.stdin:
+                self._stdin = FdReader(open_stdin_fifo(self.spec.stdin), self.spec.stdin)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start_logger(self, plan: OutputPlan) -> None:
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        child_fds: tuple[int, ...] = (out_r, err_r, ready_w)
+        try:
+            self._stdout = FdWriter(out_w, f"{plan.stdout} stdout")
+            self._stderr = FdWriter(err_w, f"{plan.stdout} stderr")
+
+            def child_setup() -> None:
+                # Runs in the child: put the pipes at fds 3, 4, 5. Move them above 5
+                # first so that placing one never overwrites another. (Only dup
+                # calls here: nothing that could take a lock held by another thread.)
+                high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in child_fds]
+                for target, fd in enumerate(high, start=3):
+                    os.dup2(fd, target, inheritable=True)
+
+            try:
+                self._logger = await asyncio.create_subprocess_exec(
+                    plan.stdout,
+                    *plan.args,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                    env={
+                        "CONTAINER_ID": self._container_id,
+                        "CONTAINER_NAMESPACE": self._namespace,
+                    },
+                    pass_fds=(3, 4, 5),
+                    preexec_fn=child_setup,
+                    start_new_session=True,
+                )
+            except OSError as err:
+                raise InvalidArgument(
+                    f"start logger {plan.stdout}: {err.strerror or err}"
+                ) from err
+            for fd in child_fds:
+                os.close(fd)
+            child_fds = ()
+            ready = FdReader(ready_r, "logger ready pipe")
+            ready_r = -1
+            try:
+                async with asyncio.timeout(LOGGER_READY_TIMEOUT_S):
+                    first = await ready.read(1)
+            except TimeoutError:
+                raise InvalidArgument(
+                    f"logger {plan.stdout} did not signal ready in {LOGGER_READY_TIMEOUT_S}s"
+                ) from None
+            finally:
+                ready.close()
+            if plan.ready_byte and not first:
+                raise InvalidArgument(f"logger {plan.stdout} closed fd 5 without signalling ready")
+        finally:
+            for fd in (*child_fds, ready_r):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+    def start(self, guest: Guest) -> None:
+        """Start the pumps. Output pumps end at the guest's EOF; stdin at the FIFO's."""
+        self._guest = guest
+        loop = asyncio.get_running_loop()
+        self._out_tasks.append(
+            loop.create_task(self._pump_out(guest.read_stdout, self._stdout, "stdout"))
+        )
+        if not self.spec.terminal:
+            self._out_tasks.append(
+                loop.create_task(self._pump_out(guest.read_stderr, self._stderr, "stderr"))
+            )
+        if self._stdin is not None:
+            self._in_task = loop.create_task(self._pump_in(guest, self._stdin))
+
+    async def _pump_out(self, read: ReadOutput, sink: FdWriter | None, stream: str) -> None:
+        sink_ok = sink is not None
+        while True:
+            try:
+                data, eof = await read()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.warning(
+                    "event=stdio_read_failed container=%s stream=%s error=%r",
+                    self._container_id, stream, str(err),
+                )
+                return
+            if data and sink is not None and sink_ok:
+                try:
+                    await sink.write(data)
+                except OSError as err:
+                    # The reader is gone for good (e.g. closed logger): keep draining
+                    # the guest so the process is not blocked on a full pipe.
+                    log.warning(
+                        "event=stdio_write_failed container=%s stream=%s target=%s error=%r",
+                        self._container_id, stream, sink.name, str(err),
+                    )
+                    sink_ok = False
+            if eof:
+                return
+
+    async def _pump_in(self, guest: Guest, source: FdReader) -> None:
+        total = 0
+        try:
+            while True:
+                data = await source.read(CHUNK)
+                if not data:
+                    break
+                total += len(data)
+                view = memoryview(data)
+                backoff = 0.005
+                while view:
+                    written = await guest.write_stdin(bytes(view))
+                    if written <= 0:
+                        await asyncio.sleep(backoff)  # the agent's buffer is full
+                        backoff = min(backoff * 2, 0.2)
+                        continue
+                    backoff = 0.005
+                    view = view[written:]
+            log.debug("event=stdin_eof container=%s bytes=%d", self._container_id, total)
+            await self._close_guest_stdin()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            log.warning(
+                "event=stdin_pump_failed container=%s error=%r", self._container_id, str(err)
+            )
+
+    async def _close_guest_stdin(self) -> None:
+        if self._stdin_closed or self._guest is None:
+            return
+        self._stdin_closed = True
+        await self._guest.close_stdin()
+
+    async def close_stdin(self) -> None:
+        """CloseIO(stdin): forward what the FIFO already holds, then close the process' stdin.
+
+        Clients write everything and then send CloseIO at once, so bytes may still
+        sit in the FIFO: the pump drains them, reads EOF and closes the guest side
+        itself (also when CloseIO comes before Start: the pump starts with the
+        process). A client closing its writer ends stdin too (ctr may never send
+        CloseIO when its stdin ends while Create is still running).
+        """
+        if self._stdin is not None:
+            self._stdin.finish()
+        else:
+            await self._close_guest_stdin()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until stdout and stderr reached EOF and were written out. False on timeout."""
+        if not self._out_tasks:
+            return True
+        done, pending = await asyncio.wait(self._out_tasks, timeout=timeout)
+        return not pending
+
+    async def close(self) -> None:
+        tasks = [*self._out_tasks, *([self._in_task] if self._in_task else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._out_tasks, self._in_task = [], None
+        writers = {id(w): w for w in (self._stdout, self._stderr) if w is not None}
+        for writer in writers.values():
+            writer.close()
+        self._stdout = self._stderr = None
+        if self._stdin is not None:
+            self._stdin.close()
+            self._stdin = None
+        if self._logger is not None:
+            await _stop_logger(self._logger)
+            self._logger = None
+
+
+async def _stop_logger(proc: asyncio.subprocess.Process) -> None:
+    # Its input pipes are closed by now; a well-behaved logger exits on EOF.
+    try:
+        async with asyncio.timeout(LOGGER_STOP_TIMEOUT_S):
+            await proc.wait()
+            return
+    except TimeoutError:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()

@@ -1,0 +1,181 @@
+"""`start` → detached daemon → Connect/Shutdown over ttrpc; SIGKILL + `delete` cleans up.
+
+Real processes, real sockets (under /run/containerd/s, so root). No VM is booted:
+the daemon serves before any Create.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shim._pb.containerd.task.v2 import shim_pb2
+from shim.errors import NotFound, Unimplemented
+from shim.ttrpc import Client
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the socket root /run/containerd/s needs root"
+)
+
+
+def _shim(
+    bundle: Path, *argv: str, env: dict[str, str], stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-sE",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+            "from shim.cli import main; sys.exit(main())",
+            *argv,
+        ],
+        cwd=bundle,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, dict[str, str], list[str]]:
+    state_dir = tmp_path / "state"
+    cfg = tmp_path / "config.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "vmm": "qemu",
+                "kernel_path": "/nonexistent/vmlinux",
+                "rootfs_path": "/nonexistent/rootfs",
+                "kernel_args": "quiet",
+                "state_dir": str(state_dir),
+                "disk_dir": str(tmp_path / "disks"),
+            }
+        )
+    )
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "annotations": {}}))
+    os.mkfifo(bundle / "log")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CLOUDHV_CONFIG": str(cfg)}
+    task_id = f"t{uuid.uuid4().hex[:12]}"
+    flags = [
+        "-namespace",
+        "testns",
+        "-address",
+        str(tmp_path / "containerd.sock"),
+        "-publish-binary",
+        "/bin/true",
+        "-id",
+        task_id,
+    ]
+    return bundle, env, flags
+
+
+async def _call(address: str, method: str, req: object, resp_cls: type) -> object:
+    client = await Client.connect_unix(address.removeprefix("unix://"))
+    try:
+        payload = await client.call(
+            "containerd.task.v2.Task", method, req.SerializeToString(), timeout=5
+        )  # type: ignore[attr-defined]
+    finally:
+        await client.close()
+    resp = resp_cls()
+    resp.ParseFromString(payload)
+    return resp
+
+
+def _pid_of(address: str) -> int:
+    resp = asyncio.run(
+        _call(address, "Connect", shim_pb2.ConnectRequest(), shim_pb2.ConnectResponse)
+    )
+    return int(resp.shim_pid)  # type: ignore[attr-defined]
+
+
+def test_start_connect_shutdown(setup: tuple[Path, dict[str, str], list[str]]) -> None:
+    bundle, env, flags = setup
+    t0 = time.monotonic()
+    out = _shim(bundle, *flags, "start", env=env)
+    elapsed = time.monotonic() - t0
+    assert out.returncode == 0, out.stderr
+    address = out.stdout.decode()
+    assert address.startswith("unix:///run/containerd/s/") and "\n" not in address
+    assert (bundle / "address").read_text() == address
+    assert elapsed < 10
+    pid = _pid_of(address)
+    # A second start for the same group finds the live daemon.
+    again = _shim(bundle, *flags, "start", env=env)
+    assert again.stdout.decode() == address
+    assert _pid_of(address) == pid
+    # Unknown task → NotFound; no containers → Shutdown makes the daemon exit.
+    with pytest.raises(NotFound, match="container nope not found"):
+        asyncio.run(
+            _call(address, "State", shim_pb2.StateRequest(id="nope"), shim_pb2.StateResponse)
+        )
+    for method, req in (
+        ("Kill", shim_pb2.KillRequest(id="nope", signal=9)),
+        ("Delete", shim_pb2.DeleteRequest(id="nope")),
+        ("Wait", shim_pb2.WaitRequest(id="nope")),
+    ):
+        with pytest.raises(NotFound):
+            asyncio.run(_call(address, method, req, shim_pb2.StateResponse))
+    with pytest.raises(Unimplemented):
+        checkpoint = shim_pb2.CheckpointTaskRequest(id="x")
+        asyncio.run(_call(address, "Checkpoint", checkpoint, shim_pb2.PidsRequest))
+    with pytest.raises(Unimplemented):
+        asyncio.run(_call(address, "Bogus", shim_pb2.PidsRequest(), shim_pb2.PidsRequest))
+    asyncio.run(
+        _call(address, "Shutdown", shim_pb2.ShutdownRequest(id="x"), shim_pb2.ShutdownRequest)
+    )
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}")
+    assert not Path(address.removeprefix("unix://")).exists()
+    deleted = _shim(bundle, *flags, "-bundle", str(bundle), "delete", env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    resp = shim_pb2.DeleteResponse()
+    resp.ParseFromString(deleted.stdout)
+    assert resp.exit_status == 137 and resp.exited_at.seconds > 0
+
+
+def test_sigkill_then_delete_leaves_nothing(
+    setup: tuple[Path, dict[str, str], list[str]], tmp_path: Path
+) -> None:
+    bundle, env, flags = setup
+    out = _shim(bundle, *flags, "start", env=env)
+    assert out.returncode == 0, out.stderr
+    address = out.stdout.decode()
+    pid = _pid_of(address)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    assert any((tmp_path / "state").iterdir())
+    deleted = _shim(bundle, *flags, "-bundle", str(bundle), "delete", env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert not Path(address.removeprefix("unix://")).exists()
+    assert list((tmp_path / "state").iterdir()) == []
+    again = _shim(bundle, *flags, "-bundle", str(bundle), "delete", env=env)
+    assert again.returncode == 0
+
+
+def test_bad_config_fails_start_clearly(
+    setup: tuple[Path, dict[str, str], list[str]], tmp_path: Path
+) -> None:
+    bundle, env, flags = setup
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"vmm": "vbox"}))
+    out = _shim(bundle, *flags, "start", env={**env, "CLOUDHV_CONFIG": str(bad)})
+    assert out.returncode == 1
+    assert b"vmm: must be one of 'qemu' or 'cloud-hypervisor'" in out.stderr
+    assert out.stdout == b""

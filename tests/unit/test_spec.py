@@ -1,0 +1,50 @@
+"""Pure OCI spec helpers: pod identity from CRI annotations, exec/update payload checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shim import spec
+
+
+def test_identify_standalone() -> None:
+    ident = spec.identify("hello", {})
+    assert ident == spec.TaskIdentity("hello", spec.TaskKind.STANDALONE)
+
+
+def test_identify_cri() -> None:
+    sandbox = spec.identify("pod1", {spec.CONTAINER_TYPE: "sandbox", spec.SANDBOX_ID: "pod1"})
+    assert sandbox == spec.TaskIdentity("pod1", spec.TaskKind.SANDBOX)
+    app = spec.identify("app1", {spec.CONTAINER_TYPE: "container", spec.SANDBOX_ID: "pod1"})
+    assert app == spec.TaskIdentity("pod1", spec.TaskKind.CONTAINER)
+
+
+def test_bundle_annotations(tmp_path: Path) -> None:
+    assert spec.bundle_annotations(tmp_path) == {}
+    (tmp_path / "config.json").write_text(json.dumps({"annotations": {"a": "b"}}))
+    assert spec.bundle_annotations(tmp_path) == {"a": "b"}
+    (tmp_path / "config.json").write_text("not json")
+    assert spec.bundle_annotations(tmp_path) == {}
+    with pytest.raises(spec.SpecError, match="invalid JSON"):
+        spec.read_spec(tmp_path / "config.json")
+
+
+def test_exec_process_json() -> None:
+    good = json.dumps({"args": ["sh"], "cwd": "/"}).encode()
+    assert spec.exec_process_json(spec.PROCESS_TYPE_URL, good) == good
+    with pytest.raises(spec.SpecError, match="want"):
+        spec.exec_process_json("types.containerd.io/other", good)
+    with pytest.raises(spec.SpecError, match="args"):
+        spec.exec_process_json(spec.PROCESS_TYPE_URL, b'{"args": []}')
+    with pytest.raises(spec.SpecError, match="invalid JSON"):
+        spec.exec_process_json(spec.PROCESS_TYPE_URL, b"{")
+
+
+def test_resources_json() -> None:
+    body = b'{"memory": {"limit": 1048576}}'
+    assert spec.resources_json(spec.RESOURCES_TYPE_URL, body) == body
+    with pytest.raises(spec.SpecError):
+        spec.resources_json("x/Other", body)

@@ -1,0 +1,106 @@
+"""Persisted pod state: round trip, atomic replace, lookup by task, cleanup from the file alone."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from shim.state import (
+    DiskRecord,
+    PodState,
+    ProcRef,
+    StateError,
+    StateStore,
+    cleanup,
+    from_json,
+    pod_key,
+    to_json,
+)
+from shim.vmm.procs import process_start_time
+
+
+def test_round_trip() -> None:
+    st = PodState(
+        pod_id="p1",
+        namespace="default",
+        socket="/s",
+        daemon=ProcRef(1, 2),
+        vm_dir="/v",
+        vmm=ProcRef(3, 4),
+        helpers=(ProcRef(5, 6),),
+        work_dir="/w",
+        disks=(DiskRecord("c1", "/w/c1.ext4", "ctr"),),
+        containers=("ctr",),
+        bundles={"ctr": "/b"},
+    )
+    assert from_json(to_json(st)) == st
+
+
+def test_bad_json() -> None:
+    with pytest.raises(StateError):
+        from_json('{"no_pod_id": 1}')
+
+
+def test_store(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    assert store.load("p1") is None
+    store.save(PodState(pod_id="p1", containers=("a", "b")))
+    assert store.load("p1") == PodState(pod_id="p1", containers=("a", "b"))
+    assert [p.name for p in (tmp_path / "p1").iterdir()] == ["state.json"]
+    assert store.find_task("b") == store.load("p1")
+    assert store.find_task("zz") is None
+    with pytest.raises(StateError):
+        store.pod_dir("../x")
+    store.remove("p1")
+    assert not (tmp_path / "p1").exists()
+
+
+def test_cleanup_kills_recorded_processes_and_removes_files(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    work = tmp_path / "work"
+    work.mkdir()
+    image = work / "c.ext4"
+    image.write_bytes(b"x")
+    sock_path = tmp_path / "shim.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock_path))
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        start = process_start_time(child.pid)
+        assert start is not None
+        st = PodState(
+            pod_id="p1",
+            socket=str(sock_path),
+            vmm=ProcRef(child.pid, start),
+            helpers=(ProcRef(child.pid, start + 1),),  # a recycled pid: must be left alone
+            work_dir=str(work),
+            vm_dir=str(tmp_path / "state" / "p1" / "vm"),
+            disks=(DiskRecord("c", str(image), "ctr"),),
+        )
+        store.save(st)
+        done = cleanup(st, store)
+        assert child.wait(timeout=5) is not None
+        assert any("killed" in d for d in done)
+        assert not image.exists() and not work.exists() and not sock_path.exists()
+        assert not (tmp_path / "state" / "p1").exists()
+        assert cleanup(st, store) == []  # idempotent
+    finally:
+        listener.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert os.path.exists(tmp_path)
+
+
+def test_pod_key_keeps_socket_paths_short() -> None:
+    assert pod_key("run1") == "run1"
+    long_id = "b0a9dd841450685fc450ab32358cdbb0764582038deb68a97cedc3dbad8de43f"
+    key = pod_key(long_id)
+    assert key.startswith("b0a9dd841450-") and len(key) == 21
+    assert pod_key(long_id) == key and pod_key(long_id[:-1] + "0") != key
+    sock = Path("/run/cloudhv-test-state-dir-0123456789") / key / "vm" / "vhost-vsock.sock_1024"
+    assert len(str(sock)) < 107
