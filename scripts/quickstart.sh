@@ -11,10 +11,10 @@ VENV=$(bash scripts/setup.sh)
 echo "== building the guest and the shim (cached by input hash)"
 eval "$(bash scripts/build.sh)"
 
-echo "== installing into /var/lib/cloudhv, /etc/cloudhv and /usr/local/bin"
-install -d -m 0755 /var/lib/cloudhv /etc/cloudhv
-install -m 0644 "$CLOUDHV_KERNEL" /var/lib/cloudhv/vmlinux
-install -m 0644 "$CLOUDHV_ROOTFS" /var/lib/cloudhv/rootfs.ext4
+echo "== installing into /usr/share/cloudhv, /etc/cloudhv and /usr/local/bin"
+install -d -m 0755 /usr/share/cloudhv /etc/cloudhv
+install -m 0644 "$CLOUDHV_KERNEL" /usr/share/cloudhv/vmlinux
+install -m 0644 "$CLOUDHV_ROOTFS" /usr/share/cloudhv/rootfs.ext4
 if [ ! -f /etc/cloudhv/config.json ]; then
   install -m 0644 config/cloudhv.json /etc/cloudhv/config.json
 fi
