@@ -264,9 +264,21 @@ class AgentClient:
             return None
         return ExitStatus(int(resp.exit_status), int(resp.exited_at_unix_ns))
 
+    async def remove_process(
+        self, container_id: str, exec_id: str, *, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> None:
+        """Forget an exited exec: its exit status and unread output go.
+
+        FailedPrecondition while it runs; NotFound if the agent does not know it.
+        """
+        req = _pb.ProcessRequest(container_id=container_id, exec_id=exec_id)
+        await self._call("RemoveProcess", req, None, timeout)
+
     async def remove_container(
         self, container_id: str, *, force: bool = False, timeout: float | None = DEFAULT_TIMEOUT
     ) -> None:
+        """Delete the container (crun delete) and everything the agent keeps for it,
+        including /run/cloudhv/mounts/<container_id>/ (the CopyFile'd CRI mounts)."""
         req = _pb.RemoveContainerRequest(container_id=container_id, force=force)
         await self._call("RemoveContainer", req, None, timeout)
 

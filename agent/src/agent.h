@@ -18,6 +18,8 @@
 #define BUNDLES_DIR RUN_DIR "/containers"
 #define SOCK_DIR RUN_DIR "/sock"
 #define JOBS_DIR RUN_DIR "/jobs"
+/* The shim's copies of a container's CRI mounts: MOUNTS_DIR/<container id>/ */
+#define MOUNTS_DIR RUN_DIR "/mounts"
 #define CRUN_BIN "/usr/bin/crun"
 #define CRUN_ROOT "/run/crun"
 

@@ -35,23 +35,30 @@ int mkdir_p(const char *path, mode_t mode, struct err *e)
 	return 0;
 }
 
-int write_file(const char *path, const void *data, size_t len, mode_t mode, struct err *e)
+int write_all(int fd, const void *data, size_t len, const char *path, struct err *e)
 {
-	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-	if (fd < 0)
-		return err_sys(e, "open %s", path);
 	const char *p = data;
 	while (len) {
 		ssize_t n = write(fd, p, len);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
-			err_sys(e, "write %s", path);
-			close(fd);
-			return -1;
+			return err_sys(e, "write %s", path);
 		}
 		p += n;
 		len -= (size_t)n;
+	}
+	return 0;
+}
+
+int write_file(const char *path, const void *data, size_t len, mode_t mode, struct err *e)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+	if (fd < 0)
+		return err_sys(e, "open %s", path);
+	if (write_all(fd, data, len, path, e) < 0) {
+		close(fd);
+		return -1;
 	}
 	if (close(fd) < 0)
 		return err_sys(e, "close %s", path);

@@ -8,6 +8,8 @@
 #include "err.h"
 
 int mkdir_p(const char *path, mode_t mode, struct err *e);
+/* Writes all of data to fd (path names it in errors). */
+int write_all(int fd, const void *data, size_t len, const char *path, struct err *e);
 int write_file(const char *path, const void *data, size_t len, mode_t mode, struct err *e);
 /* Reads at most cap-1 bytes and NUL-terminates; *len may be NULL. */
 int read_file(const char *path, char *buf, size_t cap, size_t *len, struct err *e);

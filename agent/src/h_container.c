@@ -130,6 +130,13 @@ static void container_destroy(int ci)
 	bundle_path(path, sizeof path, ct->id, NULL);
 	if (rm_rf(path, &e) < 0)
 		alog("%s", e.msg);
+	/* The shim's copies of the container's CRI mounts (CopyFile). Nothing is
+	 * mounted there in our namespace; rm_rf neither follows symlinks nor
+	 * crosses into another mount. Also after a failed create: the shim copies
+	 * again before any retry. */
+	snprintf(path, sizeof path, MOUNTS_DIR "/%s", ct->id);
+	if (rm_rf(path, &e) < 0)
+		alog("%s", e.msg);
 	container_free(ci);
 }
 
@@ -511,6 +518,29 @@ int h_wait_process(struct call *c, const void *vreq, void *vresp, struct err *e)
 	c->u.proc.gen = procs[pi].gen;
 	c->poll = wait_poll;
 	return wait_poll(c, vresp, e);
+}
+
+/* ---- RemoveProcess ---- */
+
+int h_remove_process(struct call *c, const void *vreq, void *vresp, struct err *e)
+{
+	const PB(ProcessRequest) *r = vreq;
+	(void)vresp;
+	call_ids(c, r->container_id, r->exec_id);
+	if (!r->exec_id[0])
+		return err_set(e, C_INVALID_ARGUMENT,
+			       "RemoveProcess needs an exec id: the init process goes with RemoveContainer");
+	int pi = proc_get(r->container_id, r->exec_id, e);
+	if (pi < 0)
+		return R_ERR;
+	struct proc *p = &procs[pi];
+	if (!p->exited)
+		return err_set(e, C_FAILED_PRECONDITION, "exec %s in container %s is %s: kill it first",
+			       r->exec_id, r->container_id, p->pid > 0 ? "running" : "being started");
+	/* Calls parked on it (WaitProcess, reads) see the generation change and
+	 * end with NOT_FOUND. */
+	proc_free(pi);
+	return R_DONE;
 }
 
 /* ---- RemoveContainer ---- */

@@ -1,5 +1,6 @@
 /* Guest-wide RPCs: health, identity, time, hostname/DNS, file copy, shutdown. */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -131,6 +132,39 @@ static int check_path(const char *path, struct err *e)
 	return 0;
 }
 
+/* An existing regular file keeps its inode: it may be bind-mounted into a
+ * running container (CRI refreshes /etc/hosts and resolv.conf), and a bind
+ * mount would keep showing the old inode if we renamed a new one over it. */
+static int rewrite_in_place(const char *path, const void *data, size_t len, mode_t mode, uid_t uid,
+			    gid_t gid, struct err *e)
+{
+	/* O_NOFOLLOW and the fstat: the path was a regular file when we looked;
+	 * if something else took its place since, do not write through it. */
+	int fd = open(path, O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+	if (fd < 0)
+		return err_sys(e, "open %s", path);
+	struct stat st;
+	int rc;
+	if (fstat(fd, &st) < 0)
+		rc = err_sys(e, "stat %s", path);
+	else if (!S_ISREG(st.st_mode))
+		rc = err_set(e, C_FAILED_PRECONDITION, "%s changed while being copied", path);
+	else if (ftruncate(fd, 0) < 0)
+		rc = err_sys(e, "truncate %s", path);
+	else if (write_all(fd, data, len, path, e) < 0)
+		rc = -1;
+	/* chown first: it clears set-id bits that the mode may ask for. */
+	else if (fchown(fd, uid, gid) < 0)
+		rc = err_sys(e, "chown %s", path);
+	else if (fchmod(fd, mode) < 0)
+		rc = err_sys(e, "chmod %s", path);
+	else
+		rc = 0;
+	if (close(fd) < 0 && rc == 0)
+		rc = err_sys(e, "close %s", path);
+	return rc;
+}
+
 int h_copy_file(struct call *c, const void *vreq, void *vresp, struct err *e)
 {
 	const PB(CopyFileRequest) *r = vreq;
@@ -164,6 +198,14 @@ int h_copy_file(struct call *c, const void *vreq, void *vresp, struct err *e)
 			return err_sys(e, "chown %s", r->path);
 		return R_DONE;
 	}
+	struct stat cur;
+	if (!r->is_symlink && lstat(r->path, &cur) == 0 && S_ISREG(cur.st_mode)) {
+		if (rewrite_in_place(r->path, r->data.bytes, r->data.size, mode ? mode : 0644, uid, gid, e) < 0)
+			return R_ERR;
+		return R_DONE;
+	}
+	/* New files, symlinks (a swap such as kubelet's ..data must be atomic)
+	 * and replacements of other file types: made aside, renamed over. */
 	char tmp[280];
 	snprintf(tmp, sizeof tmp, "%s.cloudhv-tmp", r->path);
 	unlink(tmp);
@@ -178,13 +220,14 @@ int h_copy_file(struct call *c, const void *vreq, void *vresp, struct err *e)
 	} else {
 		if (write_file(tmp, r->data.bytes, r->data.size, 0600, e) < 0)
 			goto fail;
-		if (chmod(tmp, mode ? mode : 0644) < 0) {
-			err_sys(e, "chmod %s", tmp);
-			goto fail;
-		}
 	}
 	if (lchown(tmp, uid, gid) < 0) {
 		err_sys(e, "chown %s", tmp);
+		goto fail;
+	}
+	/* After chown, which clears set-id bits the mode may ask for. */
+	if (!r->is_symlink && chmod(tmp, mode ? mode : 0644) < 0) {
+		err_sys(e, "chmod %s", tmp);
 		goto fail;
 	}
 	if (rename(tmp, r->path) < 0) {

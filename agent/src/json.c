@@ -273,32 +273,56 @@ void json_del(struct jdoc *d, int node)
 		d->n[node].deleted = 1;
 }
 
-int json_set(struct jdoc *d, int obj, const char *key, const char *raw, struct err *e)
+/* Appends an empty node (key or NULL) as the last child of parent. */
+static int add_child(struct jdoc *d, int parent, const char *key, struct err *e)
 {
-	if (obj < 0 || d->n[obj].type != J_OBJ)
-		return err_set(e, C_INVALID_ARGUMENT, "JSON: setting %s on a non-object", key);
-	int i = json_get(d, obj, key);
-	if (i < 0) {
-		if (d->count >= d->cap)
-			return err_set(e, C_INVALID_ARGUMENT, "JSON: more than %d values", d->cap);
-		i = d->count++;
-		struct jnode *n = &d->n[i];
-		memset(n, 0, sizeof *n);
-		n->child = n->last = n->next = -1;
+	if (d->count >= d->cap)
+		return err_set(e, C_INVALID_ARGUMENT, "JSON: more than %d values", d->cap);
+	int i = d->count++;
+	struct jnode *n = &d->n[i];
+	memset(n, 0, sizeof *n);
+	n->child = n->last = n->next = -1;
+	if (key) {
 		n->key = key;
 		n->klen = (uint32_t)strlen(key);
-		struct jnode *pn = &d->n[obj];
-		if (pn->last >= 0)
-			d->n[pn->last].next = i;
-		else
-			pn->child = i;
-		pn->last = i;
 	}
+	struct jnode *pn = &d->n[parent];
+	if (pn->last >= 0)
+		d->n[pn->last].next = i;
+	else
+		pn->child = i;
+	pn->last = i;
+	return i;
+}
+
+static void set_raw(struct jdoc *d, int i, const char *raw)
+{
 	struct jnode *n = &d->n[i];
 	n->type = J_RAW;
 	n->child = n->last = -1;
 	n->val = raw;
 	n->vlen = (uint32_t)strlen(raw);
+}
+
+int json_set(struct jdoc *d, int obj, const char *key, const char *raw, struct err *e)
+{
+	if (obj < 0 || d->n[obj].type != J_OBJ)
+		return err_set(e, C_INVALID_ARGUMENT, "JSON: setting %s on a non-object", key);
+	int i = json_get(d, obj, key);
+	if (i < 0 && (i = add_child(d, obj, key, e)) < 0)
+		return -1;
+	set_raw(d, i, raw);
+	return 0;
+}
+
+int json_append(struct jdoc *d, int arr, const char *raw, struct err *e)
+{
+	if (arr < 0 || d->n[arr].type != J_ARR)
+		return err_set(e, C_INVALID_ARGUMENT, "JSON: appending to a non-array");
+	int i = add_child(d, arr, NULL, e);
+	if (i < 0)
+		return -1;
+	set_raw(d, i, raw);
 	return 0;
 }
 

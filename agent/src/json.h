@@ -41,6 +41,8 @@ void json_del(struct jdoc *d, int node);
 /* Replaces obj[key] with raw JSON text, or appends the member. key and raw
  * must stay valid until json_write. */
 int json_set(struct jdoc *d, int obj, const char *key, const char *raw, struct err *e);
+/* Appends raw JSON text to an array; raw must stay valid until json_write. */
+int json_append(struct jdoc *d, int arr, const char *raw, struct err *e);
 int json_write(const struct jdoc *d, char *out, size_t cap, size_t *len, struct err *e);
 /* Writes s as a quoted JSON string; returns its length or 0 if it does not fit. */
 size_t json_quote(const char *s, char *out, size_t cap);

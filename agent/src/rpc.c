@@ -22,6 +22,7 @@ static const struct method methods[] = {
 	M(ExecProcess, ExecProcessRequest, ProcessResponse, h_exec_process, true),
 	M(SignalProcess, SignalProcessRequest, Empty, h_signal_process, true),
 	MQ(WaitProcess, ProcessRequest, WaitProcessResponse, h_wait_process, true, Q_DEADLINE),
+	M(RemoveProcess, ProcessRequest, Empty, h_remove_process, false),
 	M(RemoveContainer, RemoveContainerRequest, Empty, h_remove_container, true),
 	M(ListProcesses, ContainerRequest, ListProcessesResponse, h_list_processes, false),
 	M(PauseContainer, ContainerRequest, Empty, h_pause_container, true),

@@ -91,6 +91,7 @@ int h_start_container(struct call *, const void *, void *, struct err *);
 int h_exec_process(struct call *, const void *, void *, struct err *);
 int h_signal_process(struct call *, const void *, void *, struct err *);
 int h_wait_process(struct call *, const void *, void *, struct err *);
+int h_remove_process(struct call *, const void *, void *, struct err *);
 int h_remove_container(struct call *, const void *, void *, struct err *);
 int h_list_processes(struct call *, const void *, void *, struct err *);
 int h_pause_container(struct call *, const void *, void *, struct err *);

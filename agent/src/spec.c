@@ -41,6 +41,32 @@ static int adapt_namespaces(struct jdoc *d, int linux_, struct err *e)
 	return 0;
 }
 
+/* Without a cgroup namespace crun mounts the VM's whole cgroup2 hierarchy on
+ * the container's /sys/fs/cgroup: the container sees the VM's root cgroup and
+ * no memory.max of its own. containerd's CRI asks for a cgroup namespace only
+ * when the host is on cgroup v2 (and never for privileged containers); the
+ * guest always is, and the VM is the pod, so a container that mounts cgroups
+ * gets its own namespace: its cgroup is the root of what it sees. */
+static int ensure_cgroup_namespace(struct jdoc *d, int root, int linux_, struct err *e)
+{
+	int nss = json_get(d, linux_, "namespaces");
+	int mounts = json_get(d, root, "mounts");
+	if (nss < 0 || d->n[nss].type != J_ARR || mounts < 0 || d->n[mounts].type != J_ARR)
+		return 0;
+	JSON_EACH(d, nss, i)
+	{
+		if (json_str_eq(d, json_get(d, i, "type"), "cgroup"))
+			return 0;
+	}
+	JSON_EACH(d, mounts, m)
+	{
+		int type = json_get(d, m, "type");
+		if (json_str_eq(d, type, "cgroup") || json_str_eq(d, type, "cgroup2"))
+			return json_append(d, nss, "{\"type\":\"cgroup\"}", e);
+	}
+	return 0;
+}
+
 static int take_net_sysctls(struct jdoc *d, int linux_, struct spec_out *out, struct err *e)
 {
 	int sc = json_get(d, linux_, "sysctl");
@@ -141,7 +167,8 @@ int spec_adapt_config(const char *json, size_t len, const char *root_path, bool 
 	int linux_ = json_get(d, root, "linux");
 	if (linux_ >= 0 && d->n[linux_].type == J_OBJ) {
 		json_del(d, json_get(d, linux_, "mountLabel"));
-		if (adapt_namespaces(d, linux_, e) < 0 || take_net_sysctls(d, linux_, out, e) < 0)
+		if (adapt_namespaces(d, linux_, e) < 0 || take_net_sysctls(d, linux_, out, e) < 0 ||
+		    ensure_cgroup_namespace(d, root, linux_, e) < 0)
 			return -1;
 	}
 	if (check_mounts(d, root, e) < 0)

@@ -6,6 +6,9 @@
  *    pod's (host) namespaces, are dropped: the VM is the pod, so containers
  *    share the VM's network, IPC and UTS namespaces. Other namespaces with a
  *    path become new ones. "hostname" goes with a dropped UTS namespace;
+ *  - a spec that mounts cgroups (type cgroup or cgroup2) gets a cgroup
+ *    namespace if it has none, so /sys/fs/cgroup in the container is its own
+ *    cgroup (memory.max is its limit), not the VM's root;
  *  - net.* sysctls are taken out and returned to the caller, which applies
  *    them to the VM (the pod's network namespace);
  *  - apparmorProfile, selinuxLabel, mountLabel and hooks are dropped;

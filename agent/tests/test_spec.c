@@ -86,6 +86,20 @@ static void test_json(void)
 		CHECK(json_get(&d, 0, "missing") < 0, "missing key");
 	}
 	{
+		struct jdoc d = {nodes, 0, 256};
+		struct err e = {0};
+		size_t len = 0;
+		const char *s = "{\"a\":[],\"b\":[1]}";
+		CHECK(json_parse(&d, s, strlen(s), &e) == 0, "parse: %s", e.msg);
+		CHECK(json_append(&d, json_get(&d, 0, "a"), "{\"x\":1}", &e) == 0 &&
+			      json_append(&d, json_get(&d, 0, "b"), "2", &e) == 0,
+		      "append: %s", e.msg);
+		CHECK(json_append(&d, 0, "2", &e) < 0, "append to an object");
+		CHECK(json_write(&d, out, sizeof out, &len, &e) == 0 && (out[len] = 0, 1) &&
+			      !strcmp(out, "{\"a\":[{\"x\":1}],\"b\":[1,2]}"),
+		      "appended: %s", out);
+	}
+	{
 		char q[64];
 		CHECK(json_quote("a\"b\\c\n", q, sizeof q) && !strcmp(q, "\"a\\\"b\\\\c\\u000a\""), "quote: %s", q);
 	}
@@ -146,6 +160,27 @@ static void test_spec(void)
 	const char *c3 = "{\"process\":{},\"mounts\":[{\"destination\":\"/data\",\"type\":\"none\",\"source\":\"/no/such/dir\",\"options\":[\"bind\"]}]}";
 	rc = spec_adapt_config(c3, strlen(c3), "/r", false, &so, &e);
 	CHECK(rc < 0 && e.code == C_INVALID_ARGUMENT && strstr(e.msg, "/data"), "missing bind source: %s", e.msg);
+
+	/* A cgroup mount without a cgroup namespace gets one; a namespace that is
+	 * there (with a host path) is kept, without its path. */
+	const char *c5 = "{\"process\":{},\"mounts\":[{\"destination\":\"/sys/fs/cgroup\",\"type\":\"cgroup\","
+			 "\"source\":\"cgroup\"}],\"linux\":{\"namespaces\":[{\"type\":\"pid\"},{\"type\":\"network\"}]}}";
+	rc = spec_adapt_config(c5, strlen(c5), "/r", false, &so, &e);
+	spec_buf[so.len] = 0;
+	CHECK(rc == 0 && strstr(spec_buf, "\"namespaces\":[{\"type\":\"pid\"},{\"type\":\"cgroup\"}]"),
+	      "cgroup namespace added: %s %s", e.msg, spec_buf);
+	const char *c6 = "{\"process\":{},\"mounts\":[{\"destination\":\"/sys/fs/cgroup\",\"type\":\"cgroup2\"}],"
+			 "\"linux\":{\"namespaces\":[{\"type\":\"cgroup\",\"path\":\"/proc/9/ns/cgroup\"},{\"type\":\"mount\"}]}}";
+	rc = spec_adapt_config(c6, strlen(c6), "/r", false, &so, &e);
+	spec_buf[so.len] = 0;
+	CHECK(rc == 0 && strstr(spec_buf, "\"namespaces\":[{\"type\":\"cgroup\"},{\"type\":\"mount\"}]"),
+	      "cgroup namespace kept once: %s %s", e.msg, spec_buf);
+	const char *c7 = "{\"process\":{},\"mounts\":[{\"destination\":\"/proc\",\"type\":\"proc\"}],"
+			 "\"linux\":{\"namespaces\":[{\"type\":\"mount\"}]}}";
+	rc = spec_adapt_config(c7, strlen(c7), "/r", false, &so, &e);
+	spec_buf[so.len] = 0;
+	CHECK(rc == 0 && strstr(spec_buf, "\"namespaces\":[{\"type\":\"mount\"}]"),
+	      "no cgroup mount, no cgroup namespace: %s %s", e.msg, spec_buf);
 
 	const char *c4 = "{\"root\":{}}";
 	rc = spec_adapt_config(c4, strlen(c4), "/r", false, &so, &e);

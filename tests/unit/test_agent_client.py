@@ -306,6 +306,32 @@ async def test_agent_errors_are_typed(sock_dir: Path) -> None:
             await agent.pause_container("abc")
 
 
+async def test_remove_process(sock_dir: Path) -> None:
+    exited = {"e1"}
+
+    async def remove(req: Any, ctx: CallContext) -> Any:
+        if req.exec_id == "e2":
+            raise FailedPrecondition(f"exec {req.exec_id} is running")
+        if req.exec_id not in exited:
+            raise NotFound(f"exec {req.exec_id} in container {req.container_id} not found")
+        exited.remove(req.exec_id)
+        return pb.Empty()
+
+    vm = FakeVm()
+    vm.agent({"RemoveProcess": remove})
+    async with vm.running(sock_dir / "vm.sock") as agent:
+        await agent.remove_process("abc", "e1")
+        with pytest.raises(NotFound, match="exec e1"):
+            await agent.remove_process("abc", "e1")
+        with pytest.raises(FailedPrecondition, match="running"):
+            await agent.remove_process("abc", "e2")
+    assert [(r.container_id, r.exec_id) for _, r in vm.requests] == [
+        ("abc", "e1"),
+        ("abc", "e1"),
+        ("abc", "e2"),
+    ]
+
+
 async def test_shutdown_tolerates_the_connection_dropping(sock_dir: Path) -> None:
     vm = FakeVm()
 
