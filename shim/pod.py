@@ -15,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shim import cri_mounts, sizing
 from shim import rootfs as rootfs_mod
 from shim import spec as spec_mod
 from shim.agent import AgentClient, ContainerStats
@@ -68,13 +70,6 @@ AgentConnect = Callable[[Path, int, float], Awaitable[AgentClient]]
 
 async def connect_agent(socket: Path, port: int, deadline: float) -> AgentClient:
     return await AgentClient.connect(socket, port=port, deadline=deadline)
-
-
-def vm_size(config: Config, annotations: Mapping[str, str]) -> tuple[int, int, int]:
-    """(vcpus, max_vcpus, memory_mib) for a pod. Annotations are honoured in a later issue."""
-    del annotations
-    vcpus = config.default_vcpus
-    return vcpus, max(vcpus, config.default_max_vcpus), config.default_memory_mib
 
 
 def disk_id_for(container_id: str) -> str:
@@ -146,17 +141,29 @@ class _Proc:
         self.io = io
         self.process_json = process_json
         self.exit_published = False
+        self.pending_size: tuple[int, int] | None = None  # (rows, cols) asked for before start
 
 
 class Container:
     def __init__(
-        self, task: CreateTask, kind: spec_mod.TaskKind, init: _Proc, disk: DiskRecord | None
+        self,
+        task: CreateTask,
+        kind: spec_mod.TaskKind,
+        init: _Proc,
+        disk: DiskRecord | None,
+        *,
+        spec_mounts: tuple[Mapping[str, Any], ...] = (),
+        mount_plan: cri_mounts.MountPlan | None = None,
     ) -> None:
         self.id = task.id
         self.task = task
         self.kind = kind
         self.init = init
         self.disk = disk
+        # The spec's mounts as containerd gave them, and what was copied for them:
+        # an Update scans the host again and copies what changed.
+        self.spec_mounts = spec_mounts
+        self.mount_plan = mount_plan
         self.execs: dict[str, _Proc] = {}
         self.kill_signal = 0
         self.tasks = _Tasks(f"container-{task.id}")
@@ -248,16 +255,24 @@ class Pod:
 
     # -- VM ------------------------------------------------------------------------------
 
-    async def _boot(self, annotations: Mapping[str, str]) -> None:
-        vcpus, max_vcpus, memory = vm_size(self.config, annotations)
+    def _size(self, annotations: Mapping[str, str]) -> sizing.VmSize:
+        """The VM's size; raises InvalidArgument (naming the key) before anything exists."""
+        size = sizing.vm_size(self.config, annotations, os.cpu_count() or 1)
+        ignored = sizing.ignored_annotations(annotations)
+        if ignored:
+            log.debug("event=annotations_ignored pod=%s keys=%s", self.id, ",".join(ignored))
+        return size
+
+    async def _boot(self, size: sizing.VmSize, hostname: str) -> None:
         vm_dir = self._store.pod_dir(self.id) / "vm"
+        vcpus, memory = size.vcpus, size.memory_mib
         spec = VmSpec(
             state_dir=vm_dir,
             kernel=self.config.kernel_path,
             rootfs=self.config.rootfs_path,
-            kernel_args=self.config.kernel_args,
+            kernel_args=f"{self.config.kernel_args} {size.kernel_params}".strip(),
             vcpus=vcpus,
-            max_vcpus=max_vcpus,
+            max_vcpus=size.max_vcpus,
             memory_mib=memory,
         )
         self._save(vm_dir=str(vm_dir))
@@ -283,6 +298,12 @@ class Pod:
             agent = await self._agent_connect(vmm.agent_socket, self.config.agent_port, deadline)
             self._agent = agent
             info = await agent.guest_info(timeout=10)
+            # The guest's clock starts from the RTC (whole seconds): exit times and
+            # what containers print should agree with the host's.
+            await agent.set_time(timeout=10)
+            # The VM's hostname is the pod's: every container's own uts namespace
+            # starts as a copy of the agent's.
+            await agent.setup_pod(hostname, timeout=10)
         except BaseException as err:
             await self._stop_vm()
             if isinstance(err, ShimError):
@@ -347,10 +368,10 @@ class Pod:
 
     async def create(self, task: CreateTask) -> int:
         try:
-            spec_bytes = (Path(task.bundle) / "config.json").read_bytes()
             spec = spec_mod.read_spec(Path(task.bundle) / "config.json")
             annotations = spec_mod.annotations_of(spec)
-        except (OSError, spec_mod.SpecError) as err:
+            hostname = spec_mod.hostname_of(spec)
+        except spec_mod.SpecError as err:
             raise InvalidArgument(f"create {task.id}: {err}") from err
         identity = spec_mod.identify(task.id, annotations)
         if identity.pod_id != self.id:
@@ -373,17 +394,18 @@ class Pod:
                 raise FailedPrecondition(
                     f"create {task.id}: sandbox {self.id} has no running VM (create it first)"
                 )
+            size = self._size(annotations) if self._vmm is None else None
             self._save(
                 containers=(*self._state.containers, task.id),
                 bundles={**self._state.bundles, task.id: task.bundle},
             )
             try:
-                if self._vmm is None:
-                    await self._boot(annotations)
+                if size is not None:
+                    await self._boot(size, hostname)
                 if identity.kind is spec_mod.TaskKind.SANDBOX:
                     ctr = Container(task, identity.kind, _Proc(Process(task.id), None), None)
                 else:
-                    ctr = await self._create_container(task, identity.kind, spec_bytes)
+                    ctr = await self._create_container(task, identity.kind, spec)
             except BaseException:
                 self._save(
                     containers=tuple(c for c in self._state.containers if c != task.id),
@@ -409,10 +431,18 @@ class Pod:
         return self.vmm_pid
 
     async def _create_container(
-        self, task: CreateTask, kind: spec_mod.TaskKind, spec_bytes: bytes
+        self, task: CreateTask, kind: spec_mod.TaskKind, spec: dict[str, Any]
     ) -> Container:
         assert self._vmm is not None
         agent = self._require_agent()
+        # Mounts first: one that cannot be honoured is refused before any disk exists.
+        try:
+            spec_mounts = spec_mod.mounts_of(spec)
+        except spec_mod.SpecError as err:
+            raise InvalidArgument(f"create {task.id}: {err}") from err
+        plan = cri_mounts.plan_mounts(task.id, spec_mounts, cri_mounts.scan_mounts(spec_mounts))
+        for note in plan.notes:
+            log.info("event=mount_note pod=%s container=%s note=%r", self.id, task.id, note)
         disk_id = disk_id_for(task.id)
         image = self._work_dir() / f"{disk_id}.ext4"
         scratch = self._work_dir() / "mnt" / disk_id
@@ -433,9 +463,12 @@ class Pod:
             await agent.mount_disk(disk_id, target, fstype="ext4", wait=10.0)
             mounted = True
             t2 = time.monotonic()
+            await self._copy_into_guest(agent, plan.copies)
+            spec_json = json.dumps({**spec, "mounts": list(plan.mounts)}).encode()
+            t3 = time.monotonic()
             await agent.create_container(
                 task.id,
-                spec_bytes,
+                spec_json,
                 target,
                 terminal=task.stdio.terminal,
                 stdin=bool(task.stdio.stdin),
@@ -454,11 +487,40 @@ class Pod:
                 log.info("event=container_create_failed pod=%s container=%s", self.id, task.id)
         log.info(
             "event=container_created pod=%s container=%s disk=%s disk_mib=%d rootfs_ms=%d "
-            "plug_mount_ms=%d create_ms=%d",
+            "plug_mount_ms=%d copies=%d copy_ms=%d create_ms=%d",
             self.id, task.id, disk_id, size >> 20, (t1 - t0) * 1000, (t2 - t1) * 1000,
-            (time.monotonic() - t2) * 1000,
+            len(plan.copies), (t3 - t2) * 1000, (time.monotonic() - t3) * 1000,
         )
-        return Container(task, kind, _Proc(Process(task.id), io), disk)
+        return Container(
+            task,
+            kind,
+            _Proc(Process(task.id), io),
+            disk,
+            spec_mounts=tuple(spec_mounts),
+            mount_plan=plan,
+        )
+
+    @staticmethod
+    async def _copy_into_guest(
+        agent: AgentClient, copies: Sequence[cri_mounts.FileCopy]
+    ) -> None:
+        """Send the plan's copies in order (every directory before what it holds)."""
+        for c in copies:
+            if c.symlink_target is not None:
+                data = c.symlink_target.encode()
+            elif c.is_dir:
+                data = b""
+            else:
+                data = cri_mounts.read_copy(c)
+            await agent.copy_file(
+                c.guest_path,
+                data,
+                mode=c.mode,
+                uid=c.uid,
+                gid=c.gid,
+                is_dir=c.is_dir,
+                is_symlink=c.symlink_target is not None,
+            )
 
     async def _remove_disk(
         self,
@@ -525,6 +587,8 @@ class Pod:
                 )
             else:
                 await agent.start_container(container_id)
+            if proc.pending_size is not None:
+                await self._apply_pending_size(agent, proc)
             if proc.io is not None:
                 proc.io.start(self._guest(agent, container_id, exec_id))
             process.transition(State.RUNNING)
@@ -535,6 +599,19 @@ class Pod:
             # Only now may an exit be published: the start event is queued before it.
             ctr.tasks.spawn(self._wait_process(ctr, proc), f"wait-{exec_id or 'init'}")
             return process.pid
+
+    async def _apply_pending_size(self, agent: AgentClient, proc: _Proc) -> None:
+        """A resize that came before start: the process runs anyway if it fails."""
+        assert proc.pending_size is not None
+        rows, cols = proc.pending_size
+        process = proc.process
+        try:
+            await agent.resize_tty(process.container_id, process.exec_id, rows=rows, cols=cols)
+        except ShimError as err:
+            log.warning("event=resize_failed process=%r error=%r", process.name, str(err))
+            return
+        if proc.io is not None:
+            proc.io.window_sized()
 
     async def exec(self, task: ExecTask) -> None:
         ctr = self.container(task.container_id)
@@ -643,6 +720,8 @@ class Pod:
             if exec_id:
                 if proc.io is not None:
                     await proc.io.close()
+                if process.state is State.STOPPED and proc.exit_published:
+                    await self._forget_exec(container_id, exec_id)
                 process.mark_deleted()
                 del ctr.execs[exec_id]
                 self._events.publish(
@@ -671,6 +750,21 @@ class Pod:
                 )
         self._events.publish(TaskDelete(container_id, process.pid, exit_.status, exit_.at_ns))
         return exit_
+
+    async def _forget_exec(self, container_id: str, exec_id: str) -> None:
+        """Have the agent drop an exited exec (its status, its output buffers)."""
+        agent = self._agent
+        if agent is None or agent.closed or self._vm_exit is not None:
+            return  # the VM took it along
+        try:
+            await agent.remove_process(container_id, exec_id)
+        except NotFound:
+            pass  # never reached the guest (its start failed), or already gone
+        except ShimError as err:
+            log.warning(
+                "event=guest_remove_process_failed pod=%s container=%s exec=%s error=%r",
+                self.id, container_id, exec_id, str(err),
+            )
 
     async def _teardown_container(self, ctr: Container, *, vm_going: bool) -> None:
         await ctr.tasks.aclose()
@@ -739,21 +833,48 @@ class Pod:
             return None
         return await self._require_agent().stats_container(container_id)
 
-    async def update(self, container_id: str, resources_json: bytes) -> None:
+    async def update(self, container_id: str, resources_json: bytes | None) -> None:
+        """Apply new limits in the guest, then refresh the copies of the container's mounts."""
         ctr = self.container(container_id)
         ctr.init.process.check("update")
         if ctr.is_sandbox:
-            return  # VM resizing comes with pod sizing (a later issue)
-        await self._require_agent().update_container(container_id, resources_json)
+            return  # the VM keeps the size it booted with
+        agent = self._require_agent()
+        if resources_json is not None:
+            await agent.update_container(container_id, resources_json)
+        if ctr.mount_plan is None or not ctr.mount_plan.copies:
+            return
+        # CRI refreshes ConfigMap/Secret-style mounts on update: copy what changed.
+        try:
+            plan = cri_mounts.plan_mounts(
+                ctr.id, ctr.spec_mounts, cri_mounts.scan_mounts(ctr.spec_mounts)
+            )
+            changed = cri_mounts.changed_copies(ctr.mount_plan, plan)
+            await self._copy_into_guest(agent, changed)
+        except ShimError as err:
+            applied = "the new resources are applied, but " if resources_json else ""
+            raise type(err)(
+                f"update {container_id}: {applied}refreshing its mounts failed: {err}"
+            ) from err
+        ctr.mount_plan = plan
+        if changed:
+            log.info(
+                "event=mounts_refreshed pod=%s container=%s copies=%d",
+                self.id, container_id, len(changed),
+            )
 
     async def resize_pty(self, container_id: str, exec_id: str, width: int, height: int) -> None:
         ctr, proc = self._proc(container_id, exec_id)
-        proc.process.check("resize")
-        if proc.io is None or not proc.io.spec.terminal:
+        io = proc.io
+        if io is None or not io.spec.terminal:
             raise FailedPrecondition(f"{proc.process.name} has no terminal")
-        if proc.process.state is State.CREATED:
-            return  # the TTY does not exist yet; containerd resizes again after start
-        await self._require_agent().resize_tty(container_id, exec_id, rows=height, cols=width)
+        async with proc.process.lock:  # a start in flight finishes first
+            proc.process.check("resize")
+            if proc.process.state is State.CREATED:
+                proc.pending_size = (height, width)  # no TTY yet: start applies it
+                return
+            await self._require_agent().resize_tty(container_id, exec_id, rows=height, cols=width)
+        io.window_sized()
 
     async def close_io(self, container_id: str, exec_id: str, stdin: bool) -> None:
         _, proc = self._proc(container_id, exec_id)

@@ -69,6 +69,22 @@ def annotations_of(spec: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()}
 
 
+def hostname_of(spec: Mapping[str, Any]) -> str:
+    """The spec's hostname (CRI sets the pod's on the sandbox spec), "" when unset."""
+    hostname = spec.get("hostname") or ""
+    if not isinstance(hostname, str):
+        raise SpecError("OCI spec: hostname is not a string")
+    return hostname
+
+
+def mounts_of(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The spec's mounts, each checked to be a JSON object."""
+    raw = spec.get("mounts") or []
+    if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
+        raise SpecError("OCI spec: mounts is not a list of objects")
+    return raw
+
+
 def bundle_annotations(bundle: Path) -> dict[str, str]:
     """Annotations of `bundle`/config.json; {} when the file is absent."""
     try:

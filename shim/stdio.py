@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 LOGGER_STOP_TIMEOUT_S = 12.0
 LOGGER_READY_TIMEOUT_S = 10.0
+# How long a terminal's first input waits for its window size (see ProcessIO.window_sized).
+TTY_SIZE_WAIT_S = 0.25
 
 
 # -- parsing (pure) ---------------------------------------------------------------------
@@ -243,6 +245,7 @@ class ProcessIO:
         self._in_task: asyncio.Task[None] | None = None
         self._guest: Guest | None = None
         self._stdin_closed = False
+        self._sized = asyncio.Event()
 
     @property
     def has_stdin(self) -> bool:
@@ -369,6 +372,21 @@ class ProcessIO:
             if eof:
                 return
 
+    def window_sized(self) -> None:
+        """The terminal got its size (ResizePty reached the guest)."""
+        self._sized.set()
+
+    async def _await_window_size(self) -> None:
+        # CRI starts forwarding a terminal's input and its first resize at the same
+        # moment, from two goroutines. With runc the resize is one ioctl and always
+        # wins; here both cross the VM boundary, so a shell could read its first
+        # line, run `stty size` and see 0x0. Input waits (briefly) for the size.
+        if self.spec.terminal and not self._sized.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TTY_SIZE_WAIT_S):
+                    await self._sized.wait()
+            self._sized.set()
+
     async def _pump_in(self, guest: Guest, source: FdReader) -> None:
         total = 0
         try:
@@ -376,6 +394,7 @@ class ProcessIO:
                 data = await source.read(CHUNK)
                 if not data:
                     break
+                await self._await_window_size()
                 total += len(data)
                 view = memoryview(data)
                 backoff = 0.005

@@ -14,11 +14,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from shim import metrics
 from shim import spec as spec_mod
-from shim._pb.containerd.cgroups.v2 import metrics_pb2 as _metrics_pb2
 from shim._pb.containerd.task.v2 import shim_pb2 as _shim_pb2
-from shim.agent import ContainerStats
-from shim.errors import InvalidArgument, Unimplemented
+from shim.errors import InvalidArgument, NotFound, Unimplemented
 from shim.pod import CreateTask, ExecTask, Pod
 from shim.process import Exit, State
 from shim.rootfs import Mount
@@ -28,10 +27,8 @@ from shim.ttrpc import CallContext, Handler
 log = logging.getLogger(__name__)
 
 _pb: Any = _shim_pb2
-_metrics: Any = _metrics_pb2
 
 SERVICE = "containerd.task.v2.Task"
-METRICS_TYPE_URL = "io.containerd.cgroups.v2.Metrics"
 
 _STATUS = {  # containerd.v1.types.Status
     State.CREATED: 1,
@@ -57,35 +54,6 @@ def _set_time(field: Any, at_ns: int) -> None:
 
 def _empty() -> bytes:
     return b""
-
-
-def metrics(stats: ContainerStats | None) -> bytes:
-    """io.containerd.cgroups.v2.Metrics from the guest's cgroup figures (serialized)."""
-    m = _metrics.Metrics()
-    if stats is not None:
-        m.pids.current = stats.pids_current
-        m.pids.limit = stats.pids_limit
-        m.cpu.usage_usec = stats.cpu_usage_usec
-        m.cpu.user_usec = stats.cpu_user_usec
-        m.cpu.system_usec = stats.cpu_system_usec
-        m.cpu.nr_periods = stats.cpu_nr_periods
-        m.cpu.nr_throttled = stats.cpu_nr_throttled
-        m.cpu.throttled_usec = stats.cpu_throttled_usec
-        mem = m.memory
-        mem.usage = stats.memory_usage
-        mem.usage_limit = stats.memory_limit
-        mem.anon = stats.memory_anon
-        mem.file = stats.memory_file
-        mem.kernel_stack = stats.memory_kernel_stack
-        mem.slab = stats.memory_slab
-        mem.inactive_file = stats.memory_inactive_file
-        mem.active_file = stats.memory_active_file
-        mem.pgfault = stats.memory_pgfault
-        mem.pgmajfault = stats.memory_pgmajfault
-        mem.swap_usage = stats.memory_swap_usage
-        m.memory_events.oom = stats.memory_oom_events
-        m.memory_events.oom_kill = stats.memory_oom_kill
-    return bytes(m.SerializeToString())
 
 
 class TaskService:
@@ -218,12 +186,12 @@ class TaskService:
 
     async def update(self, payload: bytes) -> bytes:
         req = _parse(_pb.UpdateTaskRequest, payload)
-        if not req.HasField("resources"):
-            return _empty()  # annotations alone: nothing to apply in the guest
-        try:
-            resources = spec_mod.resources_json(req.resources.type_url, req.resources.value)
-        except spec_mod.SpecError as err:
-            raise InvalidArgument(f"update {req.id}: {err}") from err
+        resources: bytes | None = None
+        if req.HasField("resources"):
+            try:
+                resources = spec_mod.resources_json(req.resources.type_url, req.resources.value)
+            except spec_mod.SpecError as err:
+                raise InvalidArgument(f"update {req.id}: {err}") from err
         await self._pod.update(req.id, resources)
         return _empty()
 
@@ -237,9 +205,13 @@ class TaskService:
     async def stats(self, payload: bytes) -> bytes:
         req = _parse(_pb.StatsRequest, payload)
         stats = await self._pod.stats(req.id)
+        # A sandbox (the VM) or a stopped container has no cgroup: empty metrics.
+        type_url, value = (
+            metrics.cgroup_v2_metrics(stats) if stats is not None else (metrics.TYPE_URL, b"")
+        )
         resp = _pb.StatsResponse()
-        resp.stats.type_url = METRICS_TYPE_URL
-        resp.stats.value = metrics(stats)
+        resp.stats.type_url = type_url
+        resp.stats.value = value
         return bytes(resp.SerializeToString())
 
     async def connect(self, payload: bytes) -> bytes:
@@ -277,7 +249,10 @@ def _logged(name: str, fn: Callable[[bytes], Awaitable[bytes]]) -> Handler:
         try:
             result = await fn(payload)
         except Exception as err:
-            log.info(
+            # containerd kills every finished exec (CRI's ExecSync does, each time):
+            # NotFound is its expected answer, not news.
+            log.log(
+                logging.DEBUG if isinstance(err, NotFound) else logging.INFO,
                 "event=rpc method=%s ok=false ms=%d error=%r",
                 name, (time.monotonic() - started) * 1000, str(err),
             )

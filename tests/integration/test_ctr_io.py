@@ -26,23 +26,36 @@ def env() -> Iterator[Env]:
 def _ctr(env: Env, *args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         ["ctr", "--address", str(env.containerd.address), *args],
-        input=data, capture_output=True, timeout=180,
+        input=data,
+        capture_output=True,
+        timeout=180,
     )
 
 
 def test_stdin_arrives_whole(env: Env) -> None:
     # ctr writes everything, closes the FIFO and sends CloseIO at once: nothing may be lost.
     data = os.urandom(200_000).hex().encode()
-    out = _ctr(env, "run", "--rm", "--runtime", RUNTIME, BUSYBOX, "in1", "sh", "-c", "wc -c",
-               data=data)
+    out = _ctr(
+        env, "run", "--rm", "--runtime", RUNTIME, BUSYBOX, "in1", "sh", "-c", "wc -c", data=data
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(len(data)).encode()
     assert env.wait_clean() == []
 
 
 def test_large_output_and_separate_streams(env: Env) -> None:
-    out = _ctr(env, "run", "--rm", "--runtime", RUNTIME, BUSYBOX, "out1", "sh", "-c",
-               "head -c 300000 /dev/zero | tr '\\0' x; echo; echo err >&2; exit 7")
+    out = _ctr(
+        env,
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        "out1",
+        "sh",
+        "-c",
+        "head -c 300000 /dev/zero | tr '\\0' x; echo; echo err >&2; exit 7",
+    )
     assert out.returncode == 7
     assert out.stdout == b"x" * 300_000 + b"\n"
     assert out.stderr == b"err\n"
@@ -50,8 +63,20 @@ def test_large_output_and_separate_streams(env: Env) -> None:
 
 def test_file_and_binary_loggers(env: Env) -> None:
     log = env.scratch / "logs" / "f1.log"
-    out = _ctr(env, "run", "--rm", "--runtime", RUNTIME, "--log-uri", f"file://{log}", BUSYBOX,
-               "f1", "sh", "-c", "echo to-file; echo err-file >&2")
+    out = _ctr(
+        env,
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--log-uri",
+        f"file://{log}",
+        BUSYBOX,
+        "f1",
+        "sh",
+        "-c",
+        "echo to-file; echo err-file >&2",
+    )
     assert out.returncode == 0, out.stderr
     assert sorted(log.read_text().split()) == ["err-file", "to-file"]
 
@@ -62,8 +87,20 @@ def test_file_and_binary_loggers(env: Env) -> None:
         f'echo "$CONTAINER_ID $CONTAINER_NAMESPACE" > "{env.scratch}/$1.env"\nwait\n'
     )
     logger.chmod(0o755)
-    out = _ctr(env, "run", "--rm", "--runtime", RUNTIME, "--log-uri", f"binary://{logger}?b1",
-               BUSYBOX, "b1", "sh", "-c", "echo to-bin; echo err-bin >&2")
+    out = _ctr(
+        env,
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--log-uri",
+        f"binary://{logger}?b1",
+        BUSYBOX,
+        "b1",
+        "sh",
+        "-c",
+        "echo to-bin; echo err-bin >&2",
+    )
     assert out.returncode == 0, out.stderr
     assert (env.scratch / "b1.out").read_text() == "to-bin\n"
     assert (env.scratch / "b1.err").read_text() == "err-bin\n"
@@ -72,10 +109,13 @@ def test_file_and_binary_loggers(env: Env) -> None:
 
 
 def test_tty_gets_the_client_size(env: Env) -> None:
-    cmd = (f"stty cols 91 rows 33; ctr --address {env.containerd.address} run -t --rm "
-           f"--runtime {RUNTIME} {BUSYBOX} t1 sh -c 'stty size; tty'")
-    out = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True,
-                         timeout=180)
+    cmd = (
+        f"stty cols 91 rows 33; ctr --address {env.containerd.address} run -t --rm "
+        f"--runtime {RUNTIME} {BUSYBOX} t1 sh -c 'stty size; tty'"
+    )
+    out = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=180
+    )
     assert out.returncode == 0, out.stdout
     assert "33 91" in out.stdout and "/dev/pts/" in out.stdout
 

@@ -51,7 +51,9 @@ async def test_events_arrive_in_order_after_a_failure(tmp_path: Path) -> None:
     await asyncio.gather(runner, serving, return_exceptions=True)
     assert [r[0] for r in received] == ["/tasks/create", "/tasks/start", "/tasks/exit"]
     assert [r[1] for r in received] == [
-        "containerd.events.TaskCreate", "containerd.events.TaskStart", "containerd.events.TaskExit"
+        "containerd.events.TaskCreate",
+        "containerd.events.TaskStart",
+        "containerd.events.TaskExit",
     ]
     assert all(r[2] == "k8s.io" and r[3] == ("k8s.io",) for r in received)
     assert publisher.sent == 3 and publisher.dropped == 0

@@ -48,3 +48,20 @@ def test_resources_json() -> None:
     assert spec.resources_json(spec.RESOURCES_TYPE_URL, body) == body
     with pytest.raises(spec.SpecError):
         spec.resources_json("x/Other", body)
+
+
+def test_hostname_of() -> None:
+    assert spec.hostname_of({"hostname": "pod-a"}) == "pod-a"
+    assert spec.hostname_of({}) == ""
+    with pytest.raises(spec.SpecError, match="hostname"):
+        spec.hostname_of({"hostname": 7})
+
+
+def test_mounts_of() -> None:
+    mounts = [{"destination": "/proc", "type": "proc", "source": "proc"}]
+    assert spec.mounts_of({"mounts": mounts}) == mounts
+    assert spec.mounts_of({}) == []
+    with pytest.raises(spec.SpecError, match="mounts"):
+        spec.mounts_of({"mounts": ["/proc"]})
+    with pytest.raises(spec.SpecError, match="mounts"):
+        spec.mounts_of({"mounts": {"destination": "/proc"}})

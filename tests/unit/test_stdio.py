@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from shim.errors import InvalidArgument
-from shim.stdio import Guest, OutputPlan, ProcessIO, StdioSpec, plan_output
+from shim.stdio import TTY_SIZE_WAIT_S, Guest, OutputPlan, ProcessIO, StdioSpec, plan_output
 
 
 def test_plan_null() -> None:
@@ -225,5 +225,46 @@ async def test_close_stdin_while_client_keeps_writer_open(tmp_path: Path) -> Non
     await io.close_stdin()
     await asyncio.wait_for(guest.stdin_closed.wait(), 5)
     assert bytes(guest.stdin) == b"abcdef"
+    os.close(writer)
+    await io.close()
+
+
+async def test_terminal_input_waits_for_the_window_size(tmp_path: Path) -> None:
+    """A terminal's first input is held until its size reached the guest (or a short grace)."""
+    spec = StdioSpec(stdin=_fifo(tmp_path / "in"), stdout=_fifo(tmp_path / "out"), terminal=True)
+    guest = ScriptedGuest(out=[(b"", True)], err=[])
+    guest.accept = 4096
+    io = ProcessIO(spec, "c1", "default")
+    await io.open()
+    writer = os.open(spec.stdin, os.O_WRONLY)
+    os.write(writer, b"hi\n")
+    io.start(guest.guest())
+    await asyncio.sleep(0.05)
+    assert bytes(guest.stdin) == b""  # no size yet
+    io.window_sized()
+    for _ in range(100):
+        if guest.stdin:
+            break
+        await asyncio.sleep(0.01)
+    assert bytes(guest.stdin) == b"hi\n"
+    os.close(writer)
+    await io.close()
+
+
+async def test_terminal_input_flows_without_a_resize(tmp_path: Path) -> None:
+    """A client that never resizes (no terminal of its own) only waits out the grace once."""
+    spec = StdioSpec(stdin=_fifo(tmp_path / "in"), stdout=_fifo(tmp_path / "out"), terminal=True)
+    guest = ScriptedGuest(out=[(b"", True)], err=[])
+    guest.accept = 4096
+    io = ProcessIO(spec, "c1", "default")
+    await io.open()
+    writer = os.open(spec.stdin, os.O_WRONLY)
+    os.write(writer, b"a")
+    io.start(guest.guest())
+    await asyncio.sleep(TTY_SIZE_WAIT_S + 0.1)
+    assert bytes(guest.stdin) == b"a"
+    os.write(writer, b"b")
+    await asyncio.sleep(0.02)
+    assert bytes(guest.stdin) == b"ab"
     os.close(writer)
     await io.close()
