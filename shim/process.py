@@ -121,6 +121,10 @@ class Process:
             return
         if op == "kill" and self._state is State.STOPPED:
             raise NotFound(f"cannot kill {self.name}: process already finished")
+        if self._state is State.DELETED:
+            # A call that raced a Delete: to the caller the process no longer exists
+            # (runc forgets it), and CRI treats NotFound on kill as "already gone".
+            raise NotFound(f"cannot {op} {self.name}: it has been deleted")
         want = " or ".join(sorted(str(s) for s in allowed))
         raise FailedPrecondition(f"cannot {op} {self.name}: it is {self._state} (must be {want})")
 

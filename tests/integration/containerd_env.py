@@ -83,6 +83,7 @@ def shim_config(state_dir: Path, **overrides: object) -> dict[str, object]:
         "default_vcpus": 1,
         "default_memory_mib": 256,
         "state_dir": str(state_dir),
+        "disk_dir": str(state_dir.parent / "disks"),
         "debug": True,
     }
     config.update(overrides)
@@ -209,8 +210,9 @@ def leftovers(state_dir: Path, root: Path) -> list[str]:
         target = line.split()[4]
         if target.startswith(str(state_dir)):
             found.append(f"mount {target}")
-    if state_dir.exists():
-        found += [f"file {p}" for p in state_dir.rglob("*")]
+    for owned in (state_dir, state_dir.parent / "disks"):
+        if owned.exists():
+            found += [f"file {p}" for p in owned.rglob("*")]
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,6 +232,48 @@ def test_bad_annotation_is_refused_naming_the_key(cri: CriClient, env: Env) -> N
     with pytest.raises(grpc.RpcError) as refused:
         Pod(cri, env, "bad", annotations={key: "lots"})
     assert key in refused.value.details()
+    assert env.wait_clean() == []
+
+
+def test_attach_reaches_a_running_containers_stdio(cri: CriClient, env: Env) -> None:
+    pod = Pod(cri, env, "attach")
+    try:
+        cid = pod.container(
+            "reader",
+            ["sh", "-c", "read line; echo got $line; echo bye >&2"],
+            stdin=True,
+            stdin_once=True,
+        )
+        url = cri.runtime.Attach(
+            cri.pb.AttachRequest(container_id=cid, stdin=True, stdout=True, stderr=True)
+        ).url
+        result = stream(env.containerd.netns, url, stdin=b"hello\n")
+        assert b"got hello" in result.stdout
+        assert b"bye" in result.stderr
+        deadline = time.monotonic() + 30
+        while b"got hello" not in _read(pod.log_dir / "reader.log"):
+            assert time.monotonic() < deadline, "attach output never reached the log"
+            time.sleep(0.1)
+    finally:
+        pod.remove()
+    assert env.wait_clean() == []
+
+
+def test_mount_that_cannot_be_copied_is_refused(cri: CriClient, env: Env) -> None:
+    fifo = env.scratch / "not-a-file"
+    os.mkfifo(fifo)
+    pod = Pod(cri, env, "badmount")
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            pod.container(
+                "m",
+                ["true"],
+                mounts=[cri.pb.Mount(container_path="/data", host_path=str(fifo))],
+            )
+        assert "/data" in refused.value.details()
+        assert str(fifo) in refused.value.details()
+    finally:
+        pod.remove()
     assert env.wait_clean() == []
 
 

@@ -104,3 +104,13 @@ async def test_deleting_a_created_process_releases_waiters() -> None:
     await asyncio.sleep(0)
     p.mark_deleted()
     assert (await waiter).status == 0
+
+
+def test_calls_that_race_a_delete_find_nothing() -> None:
+    p = Process("c1")
+    p.transition(State.RUNNING)
+    p.set_exited(0)
+    p.mark_deleted()
+    for op in ("kill", "delete", "start", "stats"):
+        with pytest.raises(NotFound, match="has been deleted"):
+            p.check(op)
