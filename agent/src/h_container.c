@@ -227,6 +227,31 @@ static int mount_overlay(int ci, const PB(Rootfs) *rf, char *root, size_t cap, s
 	return 0;
 }
 
+/* Give a crun job its process's stdio (a console socket for a terminal, pipes
+ * otherwise), end its argv with the container id and start it. The job is freed
+ * when this fails. */
+static int start_crun(struct job *j, int pi, bool terminal, bool want_stdin, const char **args,
+		      int n, const char *id, job_done_fn done, struct err *e)
+{
+	int child[3] = {-1, -1, -1};
+	if (terminal) {
+		if (console_listen(j, pi, e) < 0)
+			goto abort;
+		args[n++] = "--console-socket";
+		args[n++] = j->console_path;
+	} else if (proc_pipes(pi, want_stdin, child, e) < 0) {
+		goto abort;
+	}
+	args[n++] = id;
+	args[n] = NULL;
+	int rc = job_start(j, args, child, done, e);
+	close_child_fds(child);
+	return rc;
+abort:
+	job_abort(j);
+	return -1;
+}
+
 static void create_done(struct job *j, bool ok)
 {
 	struct container *ct = job_container(j);
@@ -272,7 +297,6 @@ int h_create_container(struct call *c, const void *vreq, void *vresp, struct err
 	ct->busy = "create";
 	int pi = proc_alloc(ci, "", e);
 	struct job *j = NULL;
-	int child[3] = {-1, -1, -1};
 	if (pi < 0)
 		goto fail;
 	ct->init = pi;
@@ -308,20 +332,8 @@ int h_create_container(struct call *c, const void *vreq, void *vresp, struct err
 	args[n++] = bundle;
 	args[n++] = "--pid-file";
 	args[n++] = pid_file;
-	if (r->terminal) {
-		if (console_listen(j, pi, e) < 0)
-			goto fail;
-		args[n++] = "--console-socket";
-		args[n++] = j->console_path;
-	} else if (proc_pipes(pi, STDIN_WANTED(r), child, e) < 0) {
-		goto fail;
-	}
-	args[n++] = ct->id;
-	args[n] = NULL;
-	int rc = job_start(j, args, child, create_done, e);
-	close_child_fds(child);
-	if (rc < 0) {
-		j = NULL; /* job_start freed it */
+	if (start_crun(j, pi, r->terminal, STDIN_WANTED(r), args, n, ct->id, create_done, e) < 0) {
+		j = NULL; /* start_crun freed it */
 		goto fail;
 	}
 	return park_on_job(c, j);
@@ -407,7 +419,6 @@ int h_exec_process(struct call *c, const void *vreq, void *vresp, struct err *e)
 	bundle_path(proc_file, sizeof proc_file, ct->id, leaf);
 	snprintf(leaf, sizeof leaf, "exec-%d.pid", pi);
 	bundle_path(pid_file, sizeof pid_file, ct->id, leaf);
-	int child[3] = {-1, -1, -1};
 	struct job *j = NULL;
 	if (spec_adapt_process((const char *)r->process_json.bytes, r->process_json.size, r->terminal,
 			       &spec_out, e) < 0 ||
@@ -426,19 +437,7 @@ int h_exec_process(struct call *c, const void *vreq, void *vresp, struct err *e)
 	args[n++] = proc_file;
 	args[n++] = "--pid-file";
 	args[n++] = pid_file;
-	if (r->terminal) {
-		if (console_listen(j, pi, e) < 0)
-			goto fail;
-		args[n++] = "--console-socket";
-		args[n++] = j->console_path;
-	} else if (proc_pipes(pi, STDIN_WANTED(r), child, e) < 0) {
-		goto fail;
-	}
-	args[n++] = ct->id;
-	args[n] = NULL;
-	int rc = job_start(j, args, child, exec_done, e);
-	close_child_fds(child);
-	if (rc < 0)
+	if (start_crun(j, pi, r->terminal, STDIN_WANTED(r), args, n, ct->id, exec_done, e) < 0)
 		return (proc_free(pi), R_ERR);
 	return park_on_job(c, j);
 fail:
