@@ -106,4 +106,8 @@ if [ ! -f "$VENV/.complete" ]; then
   touch "$VENV/.complete"
 fi
 ln -sfn "$VENV" "$CACHE_DIR/venv"
+# Venvs of older dependency lists are never used again.
+for old in "$CACHE_DIR"/venv-*; do
+  [ "$old" = "$VENV" ] || rm -rf "$old"
+done
 echo "$VENV"

@@ -55,4 +55,6 @@ mkdir -p "$OUT"
 mv "$WORK/rootfs.ext4" "$OUT/rootfs.ext4"
 cp "$WORK/agent/cloudhv-agent" "$OUT/cloudhv-agent"
 rm -rf "$WORK"
+# Keep the 4 most recent builds; older inputs are unlikely to come back.
+ls -1dt "$CACHE"/rootfs-*/ 2>/dev/null | tail -n +5 | xargs -r rm -rf
 echo "$OUT/rootfs.ext4"
