@@ -1,58 +1,103 @@
-"""The shim's configuration file (`config/cloudhv.json`), read through pydantic.
+"""The shim's configuration file (`config/cloudhv.json`): one definition, two readers.
 
 Where it comes from, first match wins: the CRI runtime option `ConfigPath`
 (runtimeoptions.v1.Options.config_path on `start`'s stdin, specific to one
 runtime handler), the `CLOUDHV_CONFIG` environment variable, then
 `/etc/cloudhv/config.json`. Unknown keys are errors, and every error is one line
 naming the file, the field and what is allowed.
+
+The fields are frozen stdlib dataclasses, so importing this module costs almost
+nothing. `load`/`parse` validate with pydantic, imported on first use: `start` (when
+it spawns a pod's daemon) and `delete` pay for it, never the long-lived daemon
+(pydantic and its schemas cost ~8 MiB PSS per daemon, one daemon per pod). `start`
+hands the validated config to the daemon as JSON (`dumps`), and the daemon rebuilds
+it with `from_trusted`, which converts types but checks nothing.
+
+No `from __future__ import annotations` here: pydantic and `from_trusted` read the
+field types at run time.
 """
 
-from __future__ import annotations
-
+import dataclasses
 import json
 import os
-from collections.abc import Mapping
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Annotated, Any, Literal, TypeVar
 
 DEFAULT_PATH = Path("/etc/cloudhv/config.json")
 ENV_VAR = "CLOUDHV_CONFIG"
+_T = TypeVar("_T")
 
 
 class ConfigError(Exception):
     """The configuration is missing, unreadable or invalid; the message is one line."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric field, for `Annotated[int, Range(ge=1)]`.
+
+    It satisfies annotated_types' GroupedMetadata protocol, which pydantic unpacks,
+    and creates the annotated_types constraints only when iterated: importing this
+    module loads neither annotated_types nor the typing_extensions it pulls in.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    __is_annotated_types_grouped_metadata__ = True
+
+    def __iter__(self) -> Iterator[object]:
+        import annotated_types
+
+        if self.ge is not None:
+            yield annotated_types.Ge(self.ge)
+        if self.gt is not None:
+            yield annotated_types.Gt(self.gt)
+        if self.le is not None:
+            yield annotated_types.Le(self.le)
 
 
-class QemuConfig(_Model):
+# Read by pydantic on stdlib dataclasses (ConfigDict is a TypedDict: a plain dict will do).
+_FORBID_EXTRA = {"extra": "forbid"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class QemuConfig:
+    __pydantic_config__ = _FORBID_EXTRA
+
     binary: Path = Path("/usr/bin/qemu-system-x86_64")
     accel: Literal["tcg", "kvm"] = "tcg"
     vsock_backend: Path = Path("/usr/bin/vhost-device-vsock")
-    hotplug_slots: int = Field(default=8, ge=1, le=32)
+    hotplug_slots: Annotated[int, Range(ge=1, le=32)] = 8
 
 
-class CloudHypervisorConfig(_Model):
+@dataclass(frozen=True, kw_only=True)
+class CloudHypervisorConfig:
+    __pydantic_config__ = _FORBID_EXTRA
+
     binary: Path = Path("/usr/local/bin/cloud-hypervisor")
 
 
-class Config(_Model):
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    __pydantic_config__ = _FORBID_EXTRA
+
     vmm: Literal["qemu", "cloud-hypervisor"]
-    qemu: QemuConfig = QemuConfig()
-    cloud_hypervisor: CloudHypervisorConfig = CloudHypervisorConfig()
+    qemu: QemuConfig = field(default_factory=QemuConfig)
+    cloud_hypervisor: CloudHypervisorConfig = field(default_factory=CloudHypervisorConfig)
     kernel_path: Path
     rootfs_path: Path
     kernel_args: str
-    default_vcpus: int = Field(default=1, ge=1)
-    default_max_vcpus: int = Field(default=2, ge=1)
-    default_memory_mib: int = Field(default=256, ge=64)
-    max_containers_per_vm: int = Field(default=5, ge=1)
-    agent_port: int = Field(default=1024, ge=1, le=0xFFFFFFFF)
-    agent_startup_timeout_s: float = Field(default=20.0, gt=0)
+    default_vcpus: Annotated[int, Range(ge=1)] = 1
+    default_max_vcpus: Annotated[int, Range(ge=1)] = 2
+    default_memory_mib: Annotated[int, Range(ge=64)] = 256
+    max_containers_per_vm: Annotated[int, Range(ge=1)] = 5
+    agent_port: Annotated[int, Range(ge=1, le=0xFFFFFFFF)] = 1024
+    agent_startup_timeout_s: Annotated[float, Range(gt=0)] = 20.0
     state_dir: Path = Path("/run/cloudhv")
     cache_dir: Path = Path("/var/cache/cloudhv/rootfs")
     # Writable per-container root disks. On disk, not under /run: a container that
@@ -60,7 +105,7 @@ class Config(_Model):
     disk_dir: Path = Path("/var/lib/cloudhv/disks")
     # Free space given to a container's root disk beyond its image (sparse: costs
     # nothing until written).
-    container_disk_headroom_mib: int = Field(default=1024, ge=16)
+    container_disk_headroom_mib: Annotated[int, Range(ge=16)] = 1024
     debug: bool = False
 
 
@@ -86,28 +131,67 @@ def load(path: Path) -> Config:
 
 
 def parse(data: Any, source: str = "config") -> Config:
+    """Validate `data` (parsed JSON) with pydantic: coercions, bounds, unknown keys."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: must be a JSON object, got {type(data).__name__}")
+    import pydantic
+
     try:
-        return Config.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"{source}: {describe(err)}") from None
+        return pydantic.TypeAdapter(Config).validate_python(data)
+    except pydantic.ValidationError as err:
+        raise ConfigError(f"{source}: {describe(err.errors(include_url=False))}") from None
 
 
-def describe(err: ValidationError) -> str:
-    """One line per pydantic error, joined with '; ': `field.sub: what is wrong`."""
+def describe(errors: Sequence[Mapping[str, Any]]) -> str:
+    """One part per pydantic error, joined with '; ': `field.sub: what is wrong`."""
     parts = []
-    for item in err.errors(include_url=False):
+    for item in errors:
         where = ".".join(str(p) for p in item["loc"]) or "(root)"
         kind = item["type"]
         ctx = item.get("ctx") or {}
-        if kind == "extra_forbidden":
+        # Dataclasses report an unknown key as an unexpected keyword argument.
+        if kind in ("extra_forbidden", "unexpected_keyword_argument"):
             what = "unknown key (not allowed)"
         elif kind == "missing":
             what = "required but missing"
         elif kind == "literal_error":
             what = f"must be one of {ctx.get('expected', '?')} (got {item.get('input')!r})"
+        elif kind == "dataclass_type":
+            what = f"must be a JSON object (got {item.get('input')!r})"
         else:
             what = f"{item['msg']} (got {item.get('input')!r})"
         parts.append(f"{where}: {what}")
     return "; ".join(parts)
+
+
+def dumps(config: Config) -> str:
+    """A validated config as JSON for `from_trusted` (paths as strings)."""
+    return json.dumps(dataclasses.asdict(config), default=str)
+
+
+def from_trusted(text: str) -> Config:
+    """Rebuild the config `dumps` wrote from an already validated one: types, no checks.
+
+    Raises ConfigError if `text` is not such a dump (never expected: same code, same
+    version on both ends).
+    """
+    try:
+        data = json.loads(text)
+        return _build(Config, data)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ConfigError(f"config handed over by start: {err}") from None
+
+
+def _build(cls: type[_T], data: Mapping[str, Any]) -> _T:
+    kwargs: dict[str, Any] = {}
+    for spec in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = data[spec.name]
+        kind = spec.type
+        if typing.get_origin(kind) is Annotated:
+            kind = typing.get_args(kind)[0]
+        if kind is Path:
+            value = Path(value)
+        elif isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            value = _build(kind, value)
+        kwargs[spec.name] = value
+    return cls(**kwargs)

@@ -1,16 +1,17 @@
 """The long-lived shim process of one pod: ttrpc server, task service, event publisher.
 
-Spawned by `start` (shim/cli.py) with the listening socket and a readiness pipe.
-It answers "ok" on that pipe once it serves, or "error: <why>" and exits, so a
-bad configuration fails `start` with a clear message. Logs are key=value lines
-on the bundle's `log` FIFO, which containerd copies into its own log.
+Spawned by `start` (shim/cli.py) with the listening socket, a readiness pipe and
+a config pipe. `start` validated the config and writes it to the config pipe: this
+process never imports pydantic (shim/config.py). It answers "ok" on the readiness
+pipe once it serves, or "error: <why>" and exits. Logs are key=value lines on the
+bundle's `log` FIFO, which containerd copies into its own log.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from shim import config as config_mod
@@ -32,16 +34,56 @@ from shim.vmm.procs import process_start_time
 log = logging.getLogger("shim")
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="containerd-shim-cloudhv-v1 daemon")
-    for name in (
-        "namespace", "address", "publish-binary", "id", "pod-id", "bundle", "socket", "config-path"
-    ):
-        parser.add_argument(f"--{name}", default="")
-    parser.add_argument("--listen-fd", type=int, required=True)
-    parser.add_argument("--ready-fd", type=int, required=True)
-    parser.add_argument("--debug", action="store_true")
-    return parser.parse_args(argv)
+@dataclass
+class DaemonArgs:
+    namespace: str = ""
+    address: str = ""
+    publish_binary: str = ""
+    id: str = ""
+    pod_id: str = ""
+    bundle: str = ""
+    socket: str = ""
+    listen_fd: int = -1
+    ready_fd: int = -1  # -1 once `start` got its answer
+    config_fd: int = -1
+    debug: bool = False
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv: Sequence[str]) -> DaemonArgs:
+    """The command line `start` writes (cli._daemon_argv): `--name value` and `--debug`.
+
+    Not argparse: only our own `start` writes it, and argparse (with gettext) costs
+    every daemon ~0.3 MiB.
+    """
+    args = DaemonArgs()
+    names = {f.name for f in dataclasses.fields(DaemonArgs)}
+    items = iter(argv)
+    for flag in items:
+        name = flag.removeprefix("--").replace("-", "_")
+        if not flag.startswith("--") or name not in names:
+            raise UsageError(f"unknown argument {flag!r}")
+        kind = type(getattr(args, name))  # from the default: str, int or bool
+        if kind is bool:
+            setattr(args, name, True)
+            continue
+        value = next(items, None)
+        if value is None:
+            raise UsageError(f"{flag} needs a value")
+        if kind is int:
+            try:
+                setattr(args, name, int(value))
+            except ValueError:
+                raise UsageError(f"{flag}: not a number: {value!r}") from None
+        else:
+            setattr(args, name, value)
+    missing = [n for n in ("listen_fd", "ready_fd", "config_fd") if getattr(args, n) < 0]
+    if missing:
+        raise UsageError("missing " + ", ".join("--" + n.replace("_", "-") for n in missing))
+    return args
 
 
 class _KeyValueFormatter(logging.Formatter):
@@ -93,7 +135,7 @@ def setup_logging(bundle: str, debug: bool) -> None:
     root.addHandler(handler)
 
 
-def _report(args: argparse.Namespace, line: str) -> None:
+def _report(args: DaemonArgs, line: str) -> None:
     """Answer `start` once on the readiness pipe, then close it."""
     fd, args.ready_fd = args.ready_fd, -1
     if fd < 0:
@@ -103,11 +145,27 @@ def _report(args: argparse.Namespace, line: str) -> None:
     os.close(fd)
 
 
+def _read_config(fd: int) -> config_mod.Config:
+    """The config `start` validated, read to EOF from its pipe."""
+    try:
+        with open(fd, "rb") as pipe:
+            text = pipe.read().decode()
+    except (OSError, UnicodeDecodeError) as err:
+        raise config_mod.ConfigError(f"reading the config from start: {err}") from None
+    if not text:
+        raise config_mod.ConfigError("start sent no config")
+    return config_mod.from_trusted(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as err:
+        print(f"containerd-shim-cloudhv-v1 daemon: {err}", file=sys.stderr)
+        return 2
     setup_logging(args.bundle, args.debug)
     try:
-        config = config_mod.load(config_mod.resolve_path(args.config_path))
+        config = _read_config(args.config_fd)
     except config_mod.ConfigError as err:
         log.error("event=config_invalid error=%r", str(err))
         _report(args, f"error: {err}")
@@ -128,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-async def serve(args: argparse.Namespace, config: config_mod.Config) -> None:
+async def serve(args: DaemonArgs, config: config_mod.Config) -> None:
     loop = asyncio.get_running_loop()
     store = StateStore(config.state_dir)
     listener = socket.socket(fileno=args.listen_fd)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 from collections.abc import Iterable, Sequence
@@ -114,7 +113,9 @@ _libc: ctypes.CDLL | None = None
 def _lib() -> ctypes.CDLL:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The C library this interpreter is linked with: no ctypes.util.find_library,
+        # which runs `ldconfig -p` and imports tempfile into every daemon.
+        _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 

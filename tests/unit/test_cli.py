@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +12,9 @@ from pathlib import Path
 import pytest
 from google.protobuf import any_pb2
 
-from shim import pbwire
+from shim import daemon, pbwire
 from shim._pb.containerd.runtimeoptions.v1 import api_pb2
-from shim.cli import Args, UsageError, parse_args, socket_path
+from shim.cli import Args, UsageError, _daemon_argv, parse_args, socket_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -146,3 +148,65 @@ def test_start_imports_stay_light() -> None:
     )
     heavy = [m for m in ("google.protobuf", "pydantic", "asyncio") if f" {m}" in proc.stderr]
     assert heavy == []
+
+
+def test_daemon_reads_the_command_line_start_writes() -> None:
+    args = Args(namespace="k8s.io", address="/a.sock", publish_binary="/bin/ctrd", id="t1")
+    argv = _daemon_argv(args, "pod1", Path("/run/containerd/s/abc"), (5, 6, 7))
+    assert argv[1:3] == ["-sE", "-c"]
+    parsed = daemon.parse_args(argv[4:])
+    assert parsed == daemon.DaemonArgs(
+        namespace="k8s.io",
+        address="/a.sock",
+        publish_binary="/bin/ctrd",
+        id="t1",
+        pod_id="pod1",
+        bundle=str(Path.cwd()),
+        socket="/run/containerd/s/abc",
+        listen_fd=5,
+        ready_fd=6,
+        config_fd=7,
+        debug=False,
+    )
+    debug = _daemon_argv(Args(id="t1", debug=True), "p", Path("/s"), (5, 6, 7))
+    assert daemon.parse_args(debug[4:]).debug
+
+
+def test_daemon_argument_errors() -> None:
+    with pytest.raises(daemon.UsageError, match="unknown argument '--config-path'"):
+        daemon.parse_args(["--config-path", "/x"])
+    with pytest.raises(daemon.UsageError, match="--id needs a value"):
+        daemon.parse_args(["--id"])
+    with pytest.raises(daemon.UsageError, match="not a number"):
+        daemon.parse_args(["--ready-fd", "x"])
+    with pytest.raises(daemon.UsageError, match="missing --listen-fd, --ready-fd, --config-fd"):
+        daemon.parse_args(["--id", "x"])
+
+
+def test_daemon_without_config_exits_and_says_why() -> None:
+    """`start` died or refused the config: the pipe closes empty, the daemon must not serve."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ready_r, ready_w = os.pipe()
+    config_r, config_w = os.pipe()
+    os.close(config_w)
+    fds = (listener.fileno(), ready_w, config_r)
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable, "-c", "import sys; from shim.daemon import main; sys.exit(main())",
+                "--listen-fd", str(fds[0]), "--ready-fd", str(fds[1]), "--config-fd", str(fds[2]),
+            ],
+            pass_fds=fds,
+            capture_output=True,
+            cwd=REPO,
+            timeout=30,
+        )
+        os.close(ready_w)
+        ready_w = -1
+        assert proc.returncode == 1
+        assert os.read(ready_r, 4096) == b"error: start sent no config\n"
+    finally:
+        listener.close()
+        for fd in (ready_r, ready_w, config_r):
+            if fd >= 0:
+                os.close(fd)

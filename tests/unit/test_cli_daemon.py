@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from shim._pb.containerd.task.v2 import shim_pb2
+from shim.cli import socket_path
 from shim.errors import NotFound, Unimplemented
 from shim.ttrpc import Client
 
@@ -177,5 +178,24 @@ def test_bad_config_fails_start_clearly(
     bad.write_text(json.dumps({"vmm": "vbox"}))
     out = _shim(bundle, *flags, "start", env={**env, "CLOUDHV_CONFIG": str(bad)})
     assert out.returncode == 1
-    assert b"vmm: must be one of 'qemu' or 'cloud-hypervisor'" in out.stderr
+    assert out.stderr.decode().startswith(
+        f"containerd-shim-cloudhv-v1 start: config {bad}: "
+        "vmm: must be one of 'qemu' or 'cloud-hypervisor' (got 'vbox'); "
+        "kernel_path: required but missing;"
+    )
     assert out.stdout == b""
+    # `start` validated the config itself: the daemon it spawned is gone, and so is
+    # the pod's socket.
+    flag_values = dict(zip(flags[::2], flags[1::2], strict=True))
+    sock = socket_path(flag_values["-address"], flag_values["-namespace"], flag_values["-id"])
+    assert not sock.exists()
+    assert not [
+        pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_has(pid, str(sock))
+    ]
+
+
+def _cmdline_has(pid: str, text: str) -> bool:
+    try:
+        return text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

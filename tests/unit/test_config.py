@@ -1,8 +1,12 @@
-"""Config loading: defaults, the path precedence, and one-line errors naming the field."""
+"""Config loading: defaults, the path precedence, one-line errors naming the field, the
+handover from `start` to the daemon, and a daemon that never loads pydantic."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +92,74 @@ def test_path_precedence() -> None:
     assert config.resolve_path("/from/option.json", env) == Path("/from/option.json")
     assert config.resolve_path("", env) == Path("/from/env.json")
     assert config.resolve_path(None, {}) == Path("/etc/cloudhv/config.json")
+
+
+def test_wrong_section_type() -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.parse({**MINIMAL, "qemu": 3})
+    assert str(err.value) == "config: qemu: must be a JSON object (got 3)"
+
+
+def test_bounds_and_coercion() -> None:
+    with pytest.raises(config.ConfigError, match=r"hotplug_slots: .*less than or equal to 32"):
+        config.parse({**MINIMAL, "qemu": {"hotplug_slots": 33}})
+    with pytest.raises(config.ConfigError, match=r"agent_startup_timeout_s: .*greater than 0 "):
+        config.parse({**MINIMAL, "agent_startup_timeout_s": 0})
+    with pytest.raises(config.ConfigError, match=r"agent_port: .*less than or equal to 4294967295"):
+        config.parse({**MINIMAL, "agent_port": 2**32})
+    cfg = config.parse({**MINIMAL, "qemu": {"hotplug_slots": "4"}, "agent_startup_timeout_s": 5})
+    assert cfg.qemu.hotplug_slots == 4
+    assert isinstance(cfg.agent_startup_timeout_s, float)
+
+
+def test_several_errors_in_one_line() -> None:
+    bad = {**MINIMAL, "vmm": "x", "zzz": 1, "qemu": {"accel": "x", "yyy": 2}}
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(bad)
+    assert str(err.value) == (
+        "config: vmm: must be one of 'qemu' or 'cloud-hypervisor' (got 'x'); "
+        "qemu.accel: must be one of 'tcg' or 'kvm' (got 'x'); "
+        "qemu.yyy: unknown key (not allowed); zzz: unknown key (not allowed)"
+    )
+
+
+def test_config_is_frozen() -> None:
+    cfg = config.parse(MINIMAL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.vmm = "cloud-hypervisor"  # type: ignore[misc]
+
+
+def test_handover_round_trip() -> None:
+    cfg = config.parse(
+        {**MINIMAL, "qemu": {"accel": "kvm", "hotplug_slots": 3}, "agent_startup_timeout_s": 7}
+    )
+    again = config.from_trusted(config.dumps(cfg))
+    assert again == cfg
+    assert isinstance(again.kernel_path, Path) and isinstance(again.qemu, config.QemuConfig)
+    assert isinstance(again.qemu.binary, Path)
+    assert config.from_trusted(config.dumps(config.load(REPO / "config" / "cloudhv.json"))) == (
+        config.load(REPO / "config" / "cloudhv.json")
+    )
+
+
+def test_handover_garbage_is_a_config_error() -> None:
+    for text in ("", "[]", "{}", json.dumps({"vmm": "qemu"})):
+        with pytest.raises(config.ConfigError, match="config handed over by start"):
+            config.from_trusted(text)
+
+
+def test_daemon_import_path_stays_light() -> None:
+    """One daemon runs per pod: pydantic and its schemas would cost each ~8 MiB (PSS)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); import shim.daemon; "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-sE", "-c", code], capture_output=True, text=True, check=True
+    )
+    loaded = set(out.stdout.split())
+    assert "shim.config" in loaded
+    heavy = {"pydantic", "pydantic_core", "annotated_types", "typing_extensions"}
+    # Also kept off on purpose: argparse (+gettext) and ctypes.util (+tempfile) ~0.5 MiB.
+    heavy |= {"argparse", "ctypes.util", "tempfile"}
+    assert sorted(heavy & loaded) == []
