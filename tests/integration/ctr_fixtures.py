@@ -32,6 +32,7 @@ class Env:
     containerd: Containerd
     state_dir: Path  # the shim's state_dir (config)
     scratch: Path
+    sockets_before: frozenset[Path] = frozenset()
 
     def leftovers(self) -> list[str]:
         found = leftovers(self.state_dir, self.containerd.root)
@@ -41,6 +42,7 @@ class Env:
                 found.append(f"mount {target}")
         for pid, cmdline in shim_processes(self.containerd):
             found.append(f"shim {pid}: {cmdline[:100]}")
+        found += [f"shim socket {p}" for p in shim_sockets() - self.sockets_before]
         return found
 
     def wait_clean(self, timeout: float = 30) -> list[str]:
@@ -48,6 +50,16 @@ class Env:
         while (found := self.leftovers()) and time.monotonic() < deadline:
             time.sleep(0.2)
         return found
+
+
+SHIM_SOCKET_DIR = Path("/run/containerd/s")
+
+
+def shim_sockets() -> frozenset[Path]:
+    """Shim sockets (all runtimes: containerd names them by a hash, not by runtime)."""
+    if not SHIM_SOCKET_DIR.exists():
+        return frozenset()
+    return frozenset(SHIM_SOCKET_DIR.iterdir())
 
 
 def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
@@ -76,7 +88,12 @@ def containerd_env(**config_overrides: object) -> Iterator[Env]:
             for namespace in ("default", "k8s.io"):
                 import_image(containerd, busybox, namespace)
                 import_image(containerd, pause, namespace)
-            env = Env(containerd=containerd, state_dir=state_dir, scratch=scratch)
+            env = Env(
+                containerd=containerd,
+                state_dir=state_dir,
+                scratch=scratch,
+                sockets_before=shim_sockets(),
+            )
             try:
                 yield env
             finally:
