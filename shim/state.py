@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shim import rootfs
-from shim.vmm.procs import is_same_process, kill_recorded
+from shim.vmm.procs import is_same_process, is_zombie, kill_recorded
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +40,7 @@ class ProcRef:
 
     def alive(self) -> bool:
         """Running (not a zombie: a killed daemon's parent may never reap it)."""
-        return is_same_process(self.pid, self.start_time) and not _is_zombie(self.pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            stat = stat_file.read()
-    except OSError:
-        return True
-    return stat[stat.rindex(b")") + 2 :].startswith((b"Z", b"X"))
+        return is_same_process(self.pid, self.start_time) and not is_zombie(self.pid)
 
 
 @dataclass(frozen=True)

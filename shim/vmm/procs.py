@@ -36,7 +36,7 @@ def kill_recorded(pid: int, start_time: int, grace_s: float = 2.0) -> bool:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        if not is_same_process(pid, start_time) or _is_zombie(pid):
+        if not is_same_process(pid, start_time) or is_zombie(pid):
             break
         time.sleep(0.02)
     else:
@@ -46,13 +46,14 @@ def kill_recorded(pid: int, start_time: int, grace_s: float = 2.0) -> bool:
     return True
 
 
-def _is_zombie(pid: int) -> bool:
+def is_zombie(pid: int) -> bool:
+    """Dead but not reaped (or already gone): a killed process whose parent never waits."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat_file:
             stat = stat_file.read()
-    except FileNotFoundError:
+    except OSError:
         return True
-    return stat[stat.rindex(b")") + 2 :].startswith(b"Z")
+    return stat[stat.rindex(b")") + 2 :].startswith((b"Z", b"X"))
 
 
 def _reap_if_child(pid: int) -> None:
