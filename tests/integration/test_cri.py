@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import grpc
 import pytest
 
 from tests.integration.cri import CriClient
-from tests.integration.ctr_fixtures import BUSYBOX, Env, containerd_env
+from tests.integration.ctr_fixtures import BUSYBOX, Env, containerd_env, shim_processes
 from tests.integration.stream_client import stream
 
 HANDLER = "cloudhv"
@@ -279,3 +280,32 @@ def test_mount_that_cannot_be_copied_is_refused(cri: CriClient, env: Env) -> Non
 
 def _read(path: Path) -> bytes:
     return path.read_bytes() if path.exists() else b""
+
+
+def test_pod_is_cleaned_up_after_its_shim_is_killed(cri: CriClient, env: Env) -> None:
+    pod = Pod(cri, env, "crash")
+    try:
+        pod.container("a", ["sleep", "600"])
+        pod.container("b", ["sleep", "600"])
+        shims = shim_processes(env.containerd)
+        assert len(shims) == 1, shims  # one shim for the whole pod
+        os.kill(shims[0][0], signal.SIGKILL)
+        # containerd sees the shim gone, runs `delete` for each task, and CRI reports
+        # the containers exited; the pod can then be stopped and removed as usual.
+        deadline = time.monotonic() + 60
+        while True:
+            states = {
+                c.metadata.name: c.state
+                for c in cri.runtime.ListContainers(
+                    cri.pb.ListContainersRequest(
+                        filter=cri.pb.ContainerFilter(pod_sandbox_id=pod.id)
+                    )
+                ).containers
+            }
+            if all(s == cri.pb.CONTAINER_EXITED for s in states.values()):
+                break
+            assert time.monotonic() < deadline, states
+            time.sleep(0.2)
+    finally:
+        pod.remove()
+    assert env.wait_clean() == []
