@@ -193,8 +193,15 @@ def test_daemon_without_config_exits_and_says_why() -> None:
     try:
         proc = subprocess.run(
             [
-                sys.executable, "-c", "import sys; from shim.daemon import main; sys.exit(main())",
-                "--listen-fd", str(fds[0]), "--ready-fd", str(fds[1]), "--config-fd", str(fds[2]),
+                sys.executable,
+                "-c",
+                "import sys; from shim.daemon import main; sys.exit(main())",
+                "--listen-fd",
+                str(fds[0]),
+                "--ready-fd",
+                str(fds[1]),
+                "--config-fd",
+                str(fds[2]),
             ],
             pass_fds=fds,
             capture_output=True,
