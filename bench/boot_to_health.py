@@ -26,6 +26,7 @@ async def one_boot(state_dir: Path) -> tuple[float, float]:
     vmm_ready = time.monotonic()
     try:
         loop = asyncio.get_running_loop()
+        await vmm.wait_vsock_ready(loop.time() + 60)
         agent = await AgentClient.connect(vmm.agent_socket, deadline=loop.time() + 60)
         try:
             assert await agent.health()

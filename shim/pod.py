@@ -295,6 +295,7 @@ class Pod:
         launched = time.monotonic()
         try:
             deadline = asyncio.get_running_loop().time() + self.config.agent_startup_timeout_s
+            await vmm.wait_vsock_ready(deadline)
             agent = await self._agent_connect(vmm.agent_socket, self.config.agent_port, deadline)
             self._agent = agent
             info = await agent.guest_info(timeout=10)

@@ -25,12 +25,18 @@ async def connect_hybrid_vsock(
     *,
     deadline: float,
     retry_interval: float = 0.02,
+    attempt_timeout: float = 1.0,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a stream to guest `port`; `deadline` is in event-loop time (loop.time()).
 
-    Retries on a missing socket, a refused connection, EOF before the reply or an
-    unexpected reply; raises Unavailable naming the socket and the port once the
-    deadline has passed.
+    Retries on a missing socket, a refused connection, EOF before the reply, an
+    unexpected reply, or no reply within `attempt_timeout`; raises Unavailable
+    naming the socket and the port once the deadline has passed.
+
+    A listening guest answers in milliseconds. The per-attempt limit matters while
+    the guest boots: vhost-device-vsock can take a CONNECT made before the guest's
+    vsock driver is up and then never answer it (seen once in ~50 TCG boots), so
+    waiting on that one attempt until the deadline would fail the whole boot.
     """
     loop = asyncio.get_running_loop()
     last = "no attempt made"
@@ -43,10 +49,10 @@ async def connect_hybrid_vsock(
             )
         attempts += 1
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(min(deadline, loop.time() + attempt_timeout)):
                 reply, streams = await _attempt(socket_path, port)
         except TimeoutError:
-            last = "deadline passed while waiting for the reply"
+            last = f"no reply within {attempt_timeout:g} s"
             continue
         except OSError as err:
             last = err.strerror or str(err)

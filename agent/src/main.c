@@ -144,6 +144,7 @@ int main(int argc, char **argv)
 				listening = true;
 				struct timespec up;
 				clock_gettime(CLOCK_BOOTTIME, &up);
+				/* shim/vmm/qemu.py waits for this line before dialling vsock. */
 				alog("ready: ttrpc on vsock port %d (%lld ms after boot)", AGENT_PORT,
 				     (long long)up.tv_sec * 1000 + up.tv_nsec / 1000000);
 			} else {

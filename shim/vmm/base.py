@@ -81,6 +81,13 @@ class Vmm(abc.ABC):
     def pid(self) -> int:
         """The VMM process id (the sandbox task's pid)."""
 
+    async def wait_vsock_ready(self, deadline: float) -> None:
+        """Return once `agent_socket` may be dialled (`deadline` in loop time).
+
+        Backends whose socket is safe to dial while the guest boots return at once.
+        """
+        del deadline
+
     @abc.abstractmethod
     async def add_disk(self, disk: DiskSpec) -> None:
         """Hot-plug a virtio-blk disk; returns once the VMM has accepted it."""

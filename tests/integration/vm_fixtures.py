@@ -46,6 +46,7 @@ async def booted_vm(state_dir: Path, **sizing: int) -> AsyncIterator[tuple[QemuV
     agent: AgentClient | None = None
     try:
         loop = asyncio.get_running_loop()
+        await vmm.wait_vsock_ready(loop.time() + 60)
         agent = await AgentClient.connect(vmm.agent_socket, deadline=loop.time() + 60)
         yield vmm, agent
     except BaseException:

@@ -122,6 +122,36 @@ async def test_a_backend_that_never_replies_is_bounded_by_the_deadline(sock_dir:
 
     path = sock_dir / "mute.vsock"
     async with await asyncio.start_unix_server(mute, path=str(path)):
-        with pytest.raises(Unavailable, match="deadline passed"):
+        with pytest.raises(Unavailable, match="no reply within"):
             await connect_hybrid_vsock(path, 1024, deadline=deadline_in(0.2))
         await asyncio.sleep(0.05)  # let the server side see EOF and close
+
+
+async def test_an_attempt_left_unanswered_is_retried(sock_dir: Path) -> None:
+    """vhost-device-vsock can swallow a CONNECT sent while the guest driver starts:
+    that attempt must not use up the whole deadline."""
+    attempts = 0
+
+    async def swallow_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        await reader.readline()
+        if attempts == 1:
+            await reader.read()  # never answers; the client gives up on this attempt
+        else:
+            writer.write(b"OK 1\n")
+            await writer.drain()
+            await reader.read()
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+    path = sock_dir / "swallow.vsock"
+    async with await asyncio.start_unix_server(swallow_first, path=str(path)):
+        _, writer = await connect_hybrid_vsock(
+            path, 1024, deadline=deadline_in(5), attempt_timeout=0.1
+        )
+        assert attempts == 2
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.05)
