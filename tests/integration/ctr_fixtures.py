@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 from tests.integration.busybox_tree import make_busybox_tree
 from tests.integration.containerd_env import (
     Containerd,
+    cleanup_dir,
     import_image,
     leftovers,
     running_containerd,
@@ -103,9 +103,4 @@ def containerd_env(**config_overrides: object) -> Iterator[Env]:
                         os.kill(pid, signal.SIGKILL)
     finally:
         subprocess.run(["pkill", "-9", "-f", str(scratch)], check=False)
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/self/mountinfo").read_text().splitlines():
-                target = line.split()[4]
-                if target.startswith(str(scratch)):
-                    subprocess.run(["umount", "-l", target], check=False)
-        shutil.rmtree(scratch, ignore_errors=True)
+        cleanup_dir(scratch)
