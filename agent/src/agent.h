@@ -1,14 +1,14 @@
-/* Limits and the event-loop plumbing shared by every module. Every table and
- * buffer in the agent is fixed in size; running out is RESOURCE_EXHAUSTED. */
+/* Limits and paths shared by every module. Every table and buffer in the
+ * agent is fixed in size; running out is RESOURCE_EXHAUSTED. */
 #ifndef AGENT_H
 #define AGENT_H
 
 #include <stdbool.h>
 #include <stdint.h>
-#include <sys/epoll.h>
 #include <sys/types.h>
 
 #include "agent.pb.h"
+#include "ev.h"
 
 #define AGENT_VERSION "0.1.0"
 #define AGENT_PORT 1024
@@ -38,35 +38,5 @@
 #define MAX_RESP_FRAME (10 + 600 + 8 + MAX_RESP_PAYLOAD)
 #define OUT_CAP (4 * MAX_RESP_FRAME)
 #define ID_MAX 72                 /* container_id / exec_id buffers */
-
-/* epoll registrations carry a tag: kind, table index, generation. The
- * generation lets a stale event for a reused slot be recognised and dropped. */
-enum tag_kind {
-	TAG_LISTEN = 1,
-	TAG_SIGNAL,
-	TAG_INOTIFY,
-	TAG_CONN,
-	TAG_STDOUT,
-	TAG_STDERR,
-	TAG_STDIN,
-	TAG_DEBUG_LISTEN,
-};
-
-static inline uint64_t tag_make(enum tag_kind k, uint32_t idx, uint32_t gen)
-{
-	return ((uint64_t)k << 56) | ((uint64_t)(gen & 0xffffffu) << 32) | idx;
-}
-static inline enum tag_kind tag_kind(uint64_t t) { return (enum tag_kind)(t >> 56); }
-static inline uint32_t tag_idx(uint64_t t) { return (uint32_t)t; }
-static inline uint32_t tag_gen(uint64_t t) { return (uint32_t)(t >> 32) & 0xffffffu; }
-
-/* loop.c */
-extern bool g_pid1;
-int ev_add(int fd, uint32_t events, uint64_t tag);
-int ev_mod(int fd, uint32_t events, uint64_t tag);
-void ev_del(int fd);
-uint64_t now_ns(void);      /* CLOCK_MONOTONIC */
-uint64_t wall_ns(void);     /* CLOCK_REALTIME */
-void request_shutdown(int conn, uint32_t conn_gen);
 
 #endif

@@ -12,6 +12,7 @@
 #include "agent.h"
 #include "fsutil.h"
 #include "log.h"
+#include "pid1.h"
 #include "rpc.h"
 
 int h_health(struct call *c, const void *req, void *vresp, struct err *e)

@@ -13,53 +13,14 @@
 
 #include "agent.h"
 #include "cgroup.h"
+#include "ev.h"
 #include "log.h"
 #include "pid1.h"
 #include "proc.h"
 #include "rpc.h"
 #include "ttrpc.h"
 
-bool g_pid1;
-static int epfd = -1;
 static int sigfd = -1;
-static bool shutdown_pending;
-static uint16_t shutdown_conn;
-static uint32_t shutdown_gen;
-
-int ev_add(int fd, uint32_t events, uint64_t tag)
-{
-	struct epoll_event ev = {.events = events, .data.u64 = tag};
-	return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
-}
-
-int ev_mod(int fd, uint32_t events, uint64_t tag)
-{
-	struct epoll_event ev = {.events = events, .data.u64 = tag};
-	return epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &ev);
-}
-
-void ev_del(int fd)
-{
-	if (epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL) < 0 && errno != ENOENT && errno != EBADF)
-		alog("epoll del fd %d: %s", fd, strerror(errno));
-}
-
-static uint64_t clock_ns(clockid_t id)
-{
-	struct timespec ts;
-	clock_gettime(id, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-uint64_t now_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
-uint64_t wall_ns(void) { return clock_ns(CLOCK_REALTIME); }
-
-void request_shutdown(int conn, uint32_t gen)
-{
-	shutdown_pending = true;
-	shutdown_conn = (uint16_t)conn;
-	shutdown_gen = gen;
-}
 
 static void drain_signals(void)
 {
@@ -110,9 +71,9 @@ int main(int argc, char **argv)
 	if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
 		alog("sigprocmask: %s", strerror(errno));
 
-	epfd = epoll_create1(EPOLL_CLOEXEC);
-	if (epfd < 0) {
-		alog("epoll_create1: %s", strerror(errno));
+	struct err e;
+	if (ev_init(&e) < 0) {
+		alog("%s", e.msg);
 		if (!g_pid1)
 			return 1;
 		for (;;)
@@ -121,7 +82,7 @@ int main(int argc, char **argv)
 	sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
 	if (sigfd < 0 || ev_add(sigfd, EPOLLIN, tag_make(TAG_SIGNAL, 0, 0)) < 0)
 		alog("signalfd: %s", strerror(errno));
-	struct err e;
+	ttrpc_init(rpc_dispatch, rpc_on_conn_closed);
 	if (cgroup_init(&e) < 0)
 		alog("%s", e.msg);
 
@@ -154,8 +115,10 @@ int main(int argc, char **argv)
 		}
 		ttrpc_housekeeping();
 		uint64_t wake = rpc_poll_parked();
-		if (shutdown_pending) {
-			ttrpc_flush_blocking(shutdown_conn, shutdown_gen, 1000);
+		uint16_t conn;
+		uint32_t conn_gen;
+		if (shutdown_requested(&conn, &conn_gen)) {
+			ttrpc_flush_blocking(conn, conn_gen, 1000);
 			shutdown_now();
 		}
 		if (!listening && (!wake || next_bind < wake))
@@ -166,7 +129,7 @@ int main(int argc, char **argv)
 			timeout = wake <= now ? 0 : (int)((wake - now + 999999) / 1000000);
 		}
 		struct epoll_event evs[64];
-		int n = epoll_wait(epfd, evs, 64, timeout);
+		int n = ev_wait(evs, 64, timeout);
 		if (n < 0) {
 			if (errno != EINTR)
 				alog("epoll_wait: %s", strerror(errno));

@@ -21,6 +21,25 @@
 #include "log.h"
 #include "proc.h"
 
+bool g_pid1;
+static bool shutdown_pending;
+static uint16_t shutdown_conn;
+static uint32_t shutdown_gen;
+
+void request_shutdown(int conn, uint32_t gen)
+{
+	shutdown_pending = true;
+	shutdown_conn = (uint16_t)conn;
+	shutdown_gen = gen;
+}
+
+bool shutdown_requested(uint16_t *conn, uint32_t *gen)
+{
+	*conn = shutdown_conn;
+	*gen = shutdown_gen;
+	return shutdown_pending;
+}
+
 static void mnt(const char *src, const char *dst, const char *type, unsigned long flags, const char *data)
 {
 	if (mkdir(dst, 0755) < 0 && errno != EEXIST)

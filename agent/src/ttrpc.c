@@ -14,7 +14,6 @@
 #include "log.h"
 #include "pb_decode.h"
 #include "pb_encode.h"
-#include "rpc.h"
 #include "ttrpc.pb.h"
 
 #define HDR 10
@@ -36,12 +35,20 @@ struct conn {
 	size_t out_head, out_tail;
 };
 
+static ttrpc_dispatch_fn on_request;
+static ttrpc_closed_fn on_closed;
 static struct conn conns[MAX_CONNS];
 static uint8_t in_bufs[MAX_CONNS][IN_CAP];
 static uint8_t out_bufs[MAX_CONNS][OUT_CAP];
 static uint32_t conn_gen_seq;
 
 _Static_assert(MAX_CONNS < 65536, "conn index is 16 bits");
+
+void ttrpc_init(ttrpc_dispatch_fn dispatch, ttrpc_closed_fn closed)
+{
+	on_request = dispatch;
+	on_closed = closed;
+}
 
 static int listen_fd_common(int fd, struct sockaddr *sa, socklen_t len, const char *what,
 			    enum tag_kind kind, struct err *e)
@@ -146,7 +153,7 @@ static void conn_close(uint16_t i)
 	close(c->fd);
 	c->used = false;
 	alog("conn %u: closed", i);
-	rpc_on_conn_closed(i, c->gen);
+	on_closed(i, c->gen);
 }
 
 bool ttrpc_alive(uint16_t i, uint32_t gen)
@@ -295,7 +302,7 @@ static void handle_frame(uint16_t i, uint32_t stream, uint8_t type, uint8_t flag
 		reply_status(i, stream, C_UNIMPLEMENTED, "service %s", req.service);
 		return;
 	}
-	rpc_dispatch(i, c->gen, stream, req.method, req.timeout_nano, sp.p ? sp.p : data, sp.len);
+	on_request(i, c->gen, stream, req.method, req.timeout_nano, sp.p ? sp.p : data, sp.len);
 }
 
 /* Parses every complete frame in the input buffer while responses still fit. */

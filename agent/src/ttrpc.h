@@ -1,6 +1,6 @@
 /* ttrpc over stream sockets: the vsock listener, the connection table, frame
  * parsing, the Request/Response envelope (nanopb) and per-connection
- * back-pressure. RPC dispatch lives in rpc.c. */
+ * back-pressure. Requests go up through the dispatch callback (rpc.c). */
 #ifndef AGENT_TTRPC_H
 #define AGENT_TTRPC_H
 
@@ -9,6 +9,13 @@
 #include <stdint.h>
 
 #include "err.h"
+
+/* What the connection layer hands up: a decoded request, and a connection that
+ * went away (calls waiting on it are dropped). Set once, before listening. */
+typedef void (*ttrpc_dispatch_fn)(uint16_t conn, uint32_t gen, uint32_t stream, const char *method,
+				  int64_t timeout_nano, const uint8_t *payload, size_t len);
+typedef void (*ttrpc_closed_fn)(uint16_t conn, uint32_t gen);
+void ttrpc_init(ttrpc_dispatch_fn dispatch, ttrpc_closed_fn closed);
 
 int ttrpc_listen_vsock(unsigned port, struct err *e);
 int ttrpc_listen_unix(const char *path, struct err *e);   /* debugging on a host */
