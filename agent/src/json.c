@@ -2,6 +2,81 @@
 
 #include <string.h>
 
+static int hexval(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	return c - 'A' + 10;
+}
+
+static unsigned hex4(const char *p)
+{
+	return (unsigned)(hexval(p[0]) << 12 | hexval(p[1]) << 8 | hexval(p[2]) << 4 | hexval(p[3]));
+}
+
+/* Decodes the inside of a scanned (valid) string literal; -1 if it does not
+ * fit cap with its NUL, or holds a NUL. */
+static int unescape(const char *p, const char *end, char *buf, size_t cap)
+{
+	size_t o = 0;
+	if (cap == 0)
+		return -1;
+	while (p < end) {
+		unsigned cp;
+		if (*p != '\\') {
+			cp = (unsigned char)*p++;
+			if (o + 1 >= cap)
+				return -1;
+			buf[o++] = (char)cp;
+			continue;
+		}
+		p++;
+		char x = *p++;
+		switch (x) {
+		case 'b': cp = '\b'; break;
+		case 'f': cp = '\f'; break;
+		case 'n': cp = '\n'; break;
+		case 'r': cp = '\r'; break;
+		case 't': cp = '\t'; break;
+		case 'u':
+			cp = hex4(p);
+			p += 4;
+			if (cp >= 0xd800 && cp < 0xdc00 && end - p >= 6 && p[0] == '\\' && p[1] == 'u') {
+				unsigned lo = hex4(p + 2);
+				if (lo >= 0xdc00 && lo < 0xe000) {
+					cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+					p += 6;
+				}
+			}
+			break;
+		default: cp = (unsigned char)x; break;
+		}
+		if (cp == 0)
+			return -1;
+		char u[4];
+		size_t n;
+		if (cp < 0x80) {
+			u[0] = (char)cp; n = 1;
+		} else if (cp < 0x800) {
+			u[0] = (char)(0xc0 | cp >> 6); u[1] = (char)(0x80 | (cp & 0x3f)); n = 2;
+		} else if (cp < 0x10000) {
+			u[0] = (char)(0xe0 | cp >> 12); u[1] = (char)(0x80 | ((cp >> 6) & 0x3f));
+			u[2] = (char)(0x80 | (cp & 0x3f)); n = 3;
+		} else {
+			u[0] = (char)(0xf0 | cp >> 18); u[1] = (char)(0x80 | ((cp >> 12) & 0x3f));
+			u[2] = (char)(0x80 | ((cp >> 6) & 0x3f)); u[3] = (char)(0x80 | (cp & 0x3f)); n = 4;
+		}
+		if (o + n >= cap)
+			return -1;
+		memcpy(buf + o, u, n);
+		o += n;
+	}
+	buf[o] = 0;
+	return (int)o;
+}
+
 struct parser {
 	struct jdoc *d;
 	const char *s, *end, *p;
@@ -69,6 +144,36 @@ static int scan_string(struct parser *ps)
 	return fail(ps, "unterminated string");
 }
 
+/* A key with escapes is decoded into the document's key buffer. */
+static int decode_key(struct parser *ps, const char **key, uint32_t *klen)
+{
+	struct jdoc *d = ps->d;
+	if (!d->kbuf)
+		return fail(ps, "escaped member name not supported here");
+	int n = unescape(*key, *key + *klen, d->kbuf + d->kused, d->kcap - d->kused);
+	if (n < 0)
+		return fail(ps, "escaped member name too long, or holding a NUL");
+	*key = d->kbuf + d->kused;
+	*klen = (uint32_t)n;
+	d->kused += (uint32_t)n + 1;
+	return 0;
+}
+
+/* The member just parsed (the object's last child): note a decoded key, and
+ * refuse a name that an earlier member of the object already has. */
+static int check_member(struct parser *ps, int obj, bool decoded)
+{
+	struct jdoc *d = ps->d;
+	int last = d->n[obj].last;
+	struct jnode *m = &d->n[last];
+	m->kdecoded = decoded;
+	for (int i = d->n[obj].child; i >= 0 && i != last; i = d->n[i].next)
+		if (d->n[i].klen == m->klen && !memcmp(d->n[i].key, m->key, m->klen))
+			return err_set(ps->e, C_INVALID_ARGUMENT, "JSON: duplicate member \"%.*s\" at offset %ld",
+				       (int)(m->klen > 64 ? 64 : m->klen), m->key, (long)(ps->p - ps->s));
+	return 0;
+}
+
 static int parse_value(struct parser *ps, int parent, const char *key, uint32_t klen, int depth);
 
 static int parse_container(struct parser *ps, int node, bool obj, int depth)
@@ -83,6 +188,7 @@ static int parse_container(struct parser *ps, int node, bool obj, int depth)
 	for (;;) {
 		const char *key = NULL;
 		uint32_t klen = 0;
+		bool decoded = false;
 		if (obj) {
 			ws(ps);
 			const char *k0 = ps->p;
@@ -90,12 +196,19 @@ static int parse_container(struct parser *ps, int node, bool obj, int depth)
 				return -1;
 			key = k0 + 1;
 			klen = (uint32_t)(ps->p - k0 - 2);
+			if (memchr(key, '\\', klen)) {
+				if (decode_key(ps, &key, &klen) < 0)
+					return -1;
+				decoded = true;
+			}
 			ws(ps);
 			if (ps->p >= ps->end || *ps->p != ':')
 				return fail(ps, "expected ':'");
 			ps->p++;
 		}
 		if (parse_value(ps, node, key, klen, depth + 1) < 0)
+			return -1;
+		if (obj && check_member(ps, node, decoded) < 0)
 			return -1;
 		ws(ps);
 		if (ps->p >= ps->end)
@@ -164,6 +277,7 @@ int json_parse(struct jdoc *d, const char *s, size_t len, struct err *e)
 {
 	struct parser ps = {d, s, s + len, s, e};
 	d->count = 0;
+	d->kused = 0;
 	if (parse_value(&ps, -1, NULL, 0, 0) < 0)
 		return -1;
 	ws(&ps);
@@ -187,78 +301,11 @@ int json_get(const struct jdoc *d, int obj, const char *key)
 	return found;
 }
 
-static int hexval(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	return c - 'A' + 10;
-}
-
-static unsigned hex4(const char *p)
-{
-	return (unsigned)(hexval(p[0]) << 12 | hexval(p[1]) << 8 | hexval(p[2]) << 4 | hexval(p[3]));
-}
-
 int json_str(const struct jdoc *d, int node, char *buf, size_t cap)
 {
 	if (node < 0 || d->n[node].type != J_STR)
 		return -1;
-	const char *p = d->n[node].val + 1, *end = d->n[node].val + d->n[node].vlen - 1;
-	size_t o = 0;
-	while (p < end) {
-		unsigned cp;
-		if (*p != '\\') {
-			cp = (unsigned char)*p++;
-			if (o + 1 >= cap)
-				return -1;
-			buf[o++] = (char)cp;
-			continue;
-		}
-		p++;
-		char x = *p++;
-		switch (x) {
-		case 'b': cp = '\b'; break;
-		case 'f': cp = '\f'; break;
-		case 'n': cp = '\n'; break;
-		case 'r': cp = '\r'; break;
-		case 't': cp = '\t'; break;
-		case 'u':
-			cp = hex4(p);
-			p += 4;
-			if (cp >= 0xd800 && cp < 0xdc00 && end - p >= 6 && p[0] == '\\' && p[1] == 'u') {
-				unsigned lo = hex4(p + 2);
-				if (lo >= 0xdc00 && lo < 0xe000) {
-					cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
-					p += 6;
-				}
-			}
-			break;
-		default: cp = (unsigned char)x; break;
-		}
-		if (cp == 0)
-			return -1;
-		char u[4];
-		size_t n;
-		if (cp < 0x80) {
-			u[0] = (char)cp; n = 1;
-		} else if (cp < 0x800) {
-			u[0] = (char)(0xc0 | cp >> 6); u[1] = (char)(0x80 | (cp & 0x3f)); n = 2;
-		} else if (cp < 0x10000) {
-			u[0] = (char)(0xe0 | cp >> 12); u[1] = (char)(0x80 | ((cp >> 6) & 0x3f));
-			u[2] = (char)(0x80 | (cp & 0x3f)); n = 3;
-		} else {
-			u[0] = (char)(0xf0 | cp >> 18); u[1] = (char)(0x80 | ((cp >> 12) & 0x3f));
-			u[2] = (char)(0x80 | ((cp >> 6) & 0x3f)); u[3] = (char)(0x80 | (cp & 0x3f)); n = 4;
-		}
-		if (o + n >= cap)
-			return -1;
-		memcpy(buf + o, u, n);
-		o += n;
-	}
-	buf[o] = 0;
-	return (int)o;
+	return unescape(d->n[node].val + 1, d->n[node].val + d->n[node].vlen - 1, buf, cap);
 }
 
 bool json_str_eq(const struct jdoc *d, int node, const char *s)
@@ -342,10 +389,34 @@ static void put(struct writer *w, const char *s, size_t n)
 	w->len += n;
 }
 
+/* Writes s[0..n) as a JSON string: quote, backslash and control characters
+ * escaped, everything else (UTF-8 included) as is. */
+static void put_quoted(struct writer *w, const char *s, size_t n)
+{
+	static const char hex[] = "0123456789abcdef";
+	put(w, "\"", 1);
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (c == '"' || c == '\\') {
+			char esc[2] = {'\\', (char)c};
+			put(w, esc, 2);
+		} else if (c < 0x20) {
+			char esc[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
+			put(w, esc, 6);
+		} else {
+			put(w, (const char *)&c, 1);
+		}
+	}
+	put(w, "\"", 1);
+}
+
 static void write_node(const struct jdoc *d, int i, struct writer *w)
 {
 	const struct jnode *n = &d->n[i];
-	if (n->key) {
+	if (n->key && n->kdecoded) {
+		put_quoted(w, n->key, n->klen);
+		put(w, ":", 1);
+	} else if (n->key) {
 		put(w, "\"", 1);
 		put(w, n->key, n->klen);
 		put(w, "\":", 2);

@@ -1,7 +1,12 @@
 /* A bounded JSON parser and writer: the document becomes a tree of nodes
  * (from a caller-supplied fixed pool) pointing into the source text, so
  * nothing is copied. Nodes can be deleted or given a new raw JSON value, and
- * the tree is written back out in order. Nesting depth is limited. */
+ * the tree is written back out in order. Nesting depth is limited.
+ *
+ * Member names are compared decoded: a key written with escapes
+ * ("selinux\u004cabel") is decoded into the document's key buffer, matches
+ * "selinuxLabel", and is written back out re-escaped. A duplicate name in
+ * one object is an error, so what the agent inspects is what crun reads. */
 #ifndef AGENT_JSON_H
 #define AGENT_JSON_H
 
@@ -17,7 +22,8 @@ struct jnode {
 	uint8_t type;
 	uint8_t deleted;
 	int32_t child, last, next; /* -1 when none */
-	const char *key;           /* raw (still escaped) member name, or NULL */
+	uint8_t kdecoded;          /* key points into the key buffer: quote it on output */
+	const char *key;           /* member name (unescaped), or NULL */
 	uint32_t klen;
 	const char *val;           /* raw text of scalars (strings with quotes) and J_RAW */
 	uint32_t vlen;
@@ -26,13 +32,15 @@ struct jnode {
 struct jdoc {
 	struct jnode *n;
 	int count, cap;
+	char *kbuf;                /* decoded names of keys written with escapes */
+	uint32_t kcap, kused;      /* kcap 0: such keys are refused */
 };
 
 #define JSON_MAX_DEPTH 64
 
 /* Parses s into d (root is node 0). */
 int json_parse(struct jdoc *d, const char *s, size_t len, struct err *e);
-/* Member of an object, or -1. Keys are compared raw (no escapes in ours). */
+/* Member of an object, or -1. */
 int json_get(const struct jdoc *d, int obj, const char *key);
 /* Decodes a string node into buf; -1 if not a string, too long or has NUL. */
 int json_str(const struct jdoc *d, int node, char *buf, size_t cap);

@@ -8,7 +8,8 @@
 #define SPEC_MAX_NODES 16384
 
 static struct jnode pool[SPEC_MAX_NODES];
-static struct jdoc doc = {pool, 0, SPEC_MAX_NODES};
+static char keybuf[16384];
+static struct jdoc doc = {pool, 0, SPEC_MAX_NODES, keybuf, sizeof keybuf, 0};
 static char root_quoted[6 * 256 + 8];
 
 static void drop_lsm(struct jdoc *d, int process)

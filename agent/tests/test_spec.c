@@ -20,11 +20,13 @@ static int failed, run;
 	} while (0)
 
 static struct jnode nodes[256];
+static char keys[64];
+#define DOC {nodes, 0, 256, keys, sizeof keys, 0}
 static char out[65536];
 
 static void roundtrip(const char *in, const char *want)
 {
-	struct jdoc d = {nodes, 0, 256};
+	struct jdoc d = DOC;
 	struct err e = {0};
 	size_t len = 0;
 	int rc = json_parse(&d, in, strlen(in), &e);
@@ -38,7 +40,7 @@ static void roundtrip(const char *in, const char *want)
 
 static void bad(const char *in, const char *why)
 {
-	struct jdoc d = {nodes, 0, 256};
+	struct jdoc d = DOC;
 	struct err e = {0};
 	int rc = json_parse(&d, in, strlen(in), &e);
 	CHECK(rc < 0 && strstr(e.msg, why), "bad JSON %s: rc=%d msg=%s (want %s)", in, rc, e.msg, why);
@@ -59,7 +61,7 @@ static void test_json(void)
 	memset(deep, '[', 100);
 	memset(deep + 100, ']', 100);
 	{
-		struct jdoc d = {nodes, 0, 256};
+		struct jdoc d = DOC;
 		struct err e = {0};
 		CHECK(json_parse(&d, deep, 200, &e) < 0 && strstr(e.msg, "deeply"), "depth limit: %s", e.msg);
 	}
@@ -69,13 +71,13 @@ static void test_json(void)
 		for (int i = 0; i < 300; i++)
 			strcat(many, i ? ",1" : "1");
 		strcat(many, "]");
-		struct jdoc d = {nodes, 0, 256};
+		struct jdoc d = DOC;
 		struct err e = {0};
 		CHECK(json_parse(&d, many, strlen(many), &e) < 0 && strstr(e.msg, "more than 256"), "node limit: %s", e.msg);
 	}
 	{
 		const char *s = "{\"k\":\"a\\u00e9\\ud83d\\ude00\\/\\t\",\"n\":5}";
-		struct jdoc d = {nodes, 0, 256};
+		struct jdoc d = DOC;
 		struct err e = {0};
 		char buf[64];
 		CHECK(json_parse(&d, s, strlen(s), &e) == 0, "parse: %s", e.msg);
@@ -86,7 +88,7 @@ static void test_json(void)
 		CHECK(json_get(&d, 0, "missing") < 0, "missing key");
 	}
 	{
-		struct jdoc d = {nodes, 0, 256};
+		struct jdoc d = DOC;
 		struct err e = {0};
 		size_t len = 0;
 		const char *s = "{\"a\":[],\"b\":[1]}";
@@ -98,6 +100,31 @@ static void test_json(void)
 		CHECK(json_write(&d, out, sizeof out, &len, &e) == 0 && (out[len] = 0, 1) &&
 			      !strcmp(out, "{\"a\":[{\"x\":1}],\"b\":[1,2]}"),
 		      "appended: %s", out);
+	}
+	{
+		/* Escaped names are decoded for lookup and re-escaped on output; without a
+		 * key buffer (or past its end) they are refused. */
+		const char *s = "{\"a\\u0062\":1,\"q\\\"\\n\":2,\"\\u00e9\":3}";
+		struct jdoc d = DOC;
+		struct err e = {0};
+		size_t len = 0;
+		CHECK(json_parse(&d, s, strlen(s), &e) == 0, "parse: %s", e.msg);
+		CHECK(json_get(&d, 0, "ab") >= 0 && json_get(&d, 0, "q\"\n") >= 0 && json_get(&d, 0, "\xc3\xa9") >= 0,
+		      "decoded lookup");
+		CHECK(json_write(&d, out, sizeof out, &len, &e) == 0 && (out[len] = 0, 1) &&
+			      !strcmp(out, "{\"ab\":1,\"q\\\"\\u000a\":2,\"\xc3\xa9\":3}"),
+		      "re-escaped: %s", out);
+		struct jdoc bare = {nodes, 0, 256, NULL, 0, 0};
+		CHECK(json_parse(&bare, s, strlen(s), &e) < 0 && strstr(e.msg, "escaped member name"), "no key buffer: %s",
+		      e.msg);
+		char longkey[600] = "{\"";
+		for (int i = 0; i < 70; i++)
+			strcat(longkey, "\\u0041");
+		strcat(longkey, "\":1}");
+		CHECK(json_parse(&d, longkey, strlen(longkey), &e) < 0 && strstr(e.msg, "too long"), "key buffer bound: %s",
+		      e.msg);
+		bad("{\"a\":1,\"b\":2,\"a\":3}", "duplicate member \"a\"");
+		roundtrip("[{\"a\":1},{\"a\":2}]", "[{\"a\":1},{\"a\":2}]");
 	}
 	{
 		char q[64];
@@ -193,6 +220,31 @@ static void test_spec(void)
 	rc = spec_adapt_process(p, strlen(p), true, &so, &e);
 	spec_buf[so.len] = 0;
 	CHECK(rc == 0 && !strcmp(spec_buf, "{\"terminal\":true,\"args\":[\"sh\"],\"cwd\":\"/\"}"), "process: %s %s", e.msg, spec_buf);
+
+	/* Escaped member names are matched decoded (issue 15, defect 15): an
+	 * LSM label spelt with \u escapes is dropped like a plain one, and a key
+	 * that needs escapes is written back escaped. */
+	const char *pe = "{\"args\":[\"sh\"],\"selinux\\u004cabel\":\"s\",\"\\u0061pparmorProfile\":\"a\","
+			 "\"env\":[\"A=1\"],\"x\\\"y\\u0001\":1}";
+	rc = spec_adapt_process(pe, strlen(pe), false, &so, &e);
+	spec_buf[so.len] = 0;
+	CHECK(rc == 0 && !strcmp(spec_buf, "{\"args\":[\"sh\"],\"env\":[\"A=1\"],\"x\\\"y\\u0001\":1,\"terminal\":false}"),
+	      "escaped keys: %s %s", e.msg, spec_buf);
+	/* A second member of the same name would be the one crun reads. */
+	const char *pd = "{\"args\":[\"sh\"],\"selinuxLabel\":\"s\",\"selinux\\u004cabel\":\"t\"}";
+	rc = spec_adapt_process(pd, strlen(pd), false, &so, &e);
+	CHECK(rc < 0 && e.code == C_INVALID_ARGUMENT && strstr(e.msg, "duplicate member \"selinuxLabel\""),
+	      "duplicate key: rc=%d %s", rc, e.msg);
+	const char *pz = "{\"args\":[\"sh\"],\"a\\u0000b\":1}";
+	rc = spec_adapt_process(pz, strlen(pz), false, &so, &e);
+	CHECK(rc < 0 && e.code == C_INVALID_ARGUMENT, "NUL in a key: rc=%d %s", rc, e.msg);
+	/* The same in a config: the process' label and the linux mountLabel. */
+	const char *ce = "{\"process\":{\"args\":[\"sh\"],\"selinux\\u004cabel\":\"s\"},"
+			 "\"linux\":{\"mount\\u004cabel\":\"m\"}}";
+	rc = spec_adapt_config(ce, strlen(ce), "/r", false, &so, &e);
+	spec_buf[so.len] = 0;
+	CHECK(rc == 0 && !strstr(spec_buf, "abel") && !strstr(spec_buf, "\\u"), "escaped keys in a config: %s %s", e.msg,
+	      spec_buf);
 
 	/* Output bound. */
 	struct spec_out tiny = {spec_buf, 10, 0, {{{0}, {0}}}, 0};
