@@ -314,6 +314,30 @@ bool json_str_eq(const struct jdoc *d, int node, const char *s)
 	return json_str(d, node, buf, sizeof buf) >= 0 && !strcmp(buf, s);
 }
 
+int json_u64(const struct jdoc *d, int node, uint64_t *v)
+{
+	if (node < 0 || d->n[node].type != J_NUM || d->n[node].vlen == 0 || d->n[node].vlen > 20)
+		return -1;
+	uint64_t x = 0;
+	for (uint32_t i = 0; i < d->n[node].vlen; i++) {
+		char c = d->n[node].val[i];
+		if (c < '0' || c > '9' || x > (UINT64_MAX - 9) / 10)
+			return -1;
+		x = x * 10 + (uint64_t)(c - '0');
+	}
+	*v = x;
+	return 0;
+}
+
+bool json_has_children(const struct jdoc *d, int node)
+{
+	JSON_EACH(d, node, i)
+	{
+		return true;
+	}
+	return false;
+}
+
 void json_del(struct jdoc *d, int node)
 {
 	if (node >= 0)

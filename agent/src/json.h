@@ -45,6 +45,10 @@ int json_get(const struct jdoc *d, int obj, const char *key);
 /* Decodes a string node into buf; -1 if not a string, too long or has NUL. */
 int json_str(const struct jdoc *d, int node, char *buf, size_t cap);
 bool json_str_eq(const struct jdoc *d, int node, const char *s);
+/* Reads a number node holding a non-negative integer; -1 otherwise. */
+int json_u64(const struct jdoc *d, int node, uint64_t *v);
+/* True if an array or object has a member that is not deleted. */
+bool json_has_children(const struct jdoc *d, int node);
 void json_del(struct jdoc *d, int node);
 /* Replaces obj[key] with raw JSON text, or appends the member. key and raw
  * must stay valid until json_write. */

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include "json.h"
+#include "seccomp.h"
 
 #define SPEC_MAX_NODES 16384
 
@@ -172,7 +173,7 @@ int spec_adapt_config(const char *json, size_t len, const char *root_path, bool 
 		    ensure_cgroup_namespace(d, root, linux_, e) < 0)
 			return -1;
 	}
-	if (check_mounts(d, root, e) < 0)
+	if (check_mounts(d, root, e) < 0 || seccomp_deny_vsock(d, root, linux_, e) < 0)
 		return -1;
 	return json_write(d, out->buf, out->cap, &out->len, e);
 }

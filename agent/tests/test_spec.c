@@ -152,6 +152,10 @@ static const char *config =
 	"\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\"},\"maskedPaths\":[\"/proc/kcore\"],\"readonlyPaths\":[\"/proc/sys\"],"
 	"\"mountLabel\":\"system_u:object_r\"}}";
 
+#define DENY "{\"names\":[\"socket\"],\"action\":\"SCMP_ACT_ERRNO\",\"errnoRet\":1,\"args\":[{\"index\":0,\"value\":40,\"op\":\"SCMP_CMP_EQ\"}]}"
+#define NOT_VSOCK "{\"index\":0,\"value\":40,\"op\":\"SCMP_CMP_NE\"}"
+#define PERMISSIVE "{\"defaultAction\":\"SCMP_ACT_ALLOW\",\"syscalls\":[" DENY "]}"
+
 static const char *config_want =
 	"{\"ociVersion\":\"1.0.2\","
 	"\"process\":{\"terminal\":false,\"user\":{\"uid\":0,\"gid\":0},\"args\":[\"sh\"],"
@@ -163,7 +167,71 @@ static const char *config_want =
 	"\"linux\":{\"cgroupsPath\":\"/k8s/abc\",\"resources\":{\"memory\":{\"limit\":1048576}},"
 	"\"sysctl\":{\"kernel.msgmax\":\"8192\"},"
 	"\"namespaces\":[{\"type\":\"pid\"},{\"type\":\"ipc\"},{\"type\":\"uts\"},{\"type\":\"mount\"}],"
-	"\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\"},\"maskedPaths\":[\"/proc/kcore\"],\"readonlyPaths\":[\"/proc/sys\"]}}";
+	"\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\",\"syscalls\":[" DENY "]},"
+	"\"maskedPaths\":[\"/proc/kcore\"],\"readonlyPaths\":[\"/proc/sys\"]}}";
+
+/* Containers may not open vsock sockets (issue 15, defect 1). */
+static void seccomp_case(const char *linux_, const char *annotations, const char *want, const char *what)
+{
+	static char spec[4096];
+	struct err e = {0};
+	snprintf(spec, sizeof spec, "{\"process\":{}%s%s%s%s}", linux_ ? ",\"linux\":" : "", linux_ ? linux_ : "",
+		 annotations ? ",\"annotations\":" : "", annotations ? annotations : "");
+	int rc = spec_adapt_config(spec, strlen(spec), "/r", false, &so, &e);
+	spec_buf[rc == 0 ? so.len : 0] = 0;
+	const char *got = strstr(spec_buf, "\"linux\":");
+	if (want[0] == '!')
+		CHECK(rc < 0 && e.code == C_INVALID_ARGUMENT && strstr(e.msg, want + 1), "%s: rc=%d %s", what, rc, e.msg);
+	else
+		CHECK(rc == 0 && got && !strncmp(got + 8, want, strlen(want)), "%s: %s\n got %s\nwant %s", what, e.msg,
+		      got ? got + 8 : spec_buf, want);
+}
+
+static void test_seccomp(void)
+{
+	/* No linux object, no seccomp: a profile that denies vsock alone. */
+	seccomp_case(NULL, NULL, "{\"seccomp\":" PERMISSIVE "}", "no linux");
+	seccomp_case("{\"seccomp\":null}", NULL, "{\"seccomp\":" PERMISSIVE "}", "null seccomp");
+	seccomp_case("{\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ALLOW\"}}", NULL,
+		     "{\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ALLOW\",\"syscalls\":[" DENY "]}}", "no syscalls");
+	/* containerd's default: socket among unconditional allows. It moves to a
+	 * rule of its own that excludes AF_VSOCK (libseccomp lets an unconditional
+	 * rule win over one with arguments). */
+	seccomp_case("{\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\",\"syscalls\":[{\"names\":[\"read\",\"socket\"],"
+		     "\"action\":\"SCMP_ACT_ALLOW\"},{\"names\":[\"socket\"],\"action\":\"SCMP_ACT_LOG\"}]}}",
+		     NULL,
+		     "{\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\",\"syscalls\":[{\"names\":[\"read\"],"
+		     "\"action\":\"SCMP_ACT_ALLOW\"}," DENY ",{\"names\":[\"socket\"],\"action\":\"SCMP_ACT_ALLOW\",\"args\":["
+		     NOT_VSOCK "]},{\"names\":[\"socket\"],\"action\":\"SCMP_ACT_LOG\",\"args\":[" NOT_VSOCK "]}]}}",
+		     "unconditional allow split");
+	/* A rule with arguments but none on the family gets the exclusion. */
+	seccomp_case("{\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\",\"syscalls\":[{\"names\":[\"socket\"],"
+		     "\"action\":\"SCMP_ACT_ALLOW\",\"args\":[{\"index\":1,\"value\":1,\"op\":\"SCMP_CMP_EQ\"}]}]}}",
+		     NULL,
+		     "{\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\",\"syscalls\":[{\"names\":[\"socket\"],"
+		     "\"action\":\"SCMP_ACT_ALLOW\",\"args\":[{\"index\":1,\"value\":1,\"op\":\"SCMP_CMP_EQ\"}," NOT_VSOCK
+		     "]}," DENY "]}}",
+		     "conditional allow fenced");
+	/* Docker's own vsock rule (EQ 40 -> ERRNO, NE 40 -> ALLOW) stays as it is. */
+	seccomp_case("{\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\",\"syscalls\":[{\"names\":[\"socket\"],"
+		     "\"action\":\"SCMP_ACT_ALLOW\",\"args\":[" NOT_VSOCK "]}]}}",
+		     NULL,
+		     "{\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\",\"syscalls\":[{\"names\":[\"socket\"],"
+		     "\"action\":\"SCMP_ACT_ALLOW\",\"args\":[" NOT_VSOCK "]}," DENY "]}}",
+		     "docker's rule kept");
+	/* A rule that explicitly lets vsock through is refused, by name. */
+	seccomp_case("{\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\",\"syscalls\":[{\"names\":[\"socket\"],"
+		     "\"action\":\"SCMP_ACT_ALLOW\",\"args\":[{\"index\":0,\"value\":41,\"op\":\"SCMP_CMP_LT\"}]}]}}",
+		     NULL, "!lets socket() open AF_VSOCK (args[0] SCMP_CMP_LT 41, SCMP_ACT_ALLOW)", "explicit allow refused");
+	/* The annotation opts out; anything but true/false is refused. */
+	seccomp_case("{\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ALLOW\"}}",
+		     "{\"io.cloudhv.container.allow-vsock\":\"true\"}", "{\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ALLOW\"}}",
+		     "allowed by annotation");
+	seccomp_case(NULL, "{\"io.cloudhv.container.allow-vsock\":\"false\"}", "{\"seccomp\":" PERMISSIVE "}",
+		     "annotation false");
+	seccomp_case(NULL, "{\"io.cloudhv.container.allow-vsock\":\"yes\"}",
+		     "!annotation io.cloudhv.container.allow-vsock: must be \"true\" or \"false\"", "bad annotation");
+}
 
 static void test_spec(void)
 {
@@ -181,7 +249,8 @@ static void test_spec(void)
 	rc = spec_adapt_config(c2, strlen(c2), "/r", true, &so, &e);
 	spec_buf[so.len] = 0;
 	CHECK(rc == 0 && !strcmp(spec_buf, "{\"process\":{\"args\":[\"true\"],\"terminal\":true},"
-					   "\"linux\":{\"namespaces\":[{\"type\":\"uts\"}]},\"hostname\":\"h\",\"root\":{\"path\":\"/r\"}}"),
+					   "\"linux\":{\"namespaces\":[{\"type\":\"uts\"}],\"seccomp\":" PERMISSIVE "},"
+					   "\"hostname\":\"h\",\"root\":{\"path\":\"/r\"}}"),
 	      "minimal config: %s %s", e.msg, spec_buf);
 
 	const char *c3 = "{\"process\":{},\"mounts\":[{\"destination\":\"/data\",\"type\":\"none\",\"source\":\"/no/such/dir\",\"options\":[\"bind\"]}]}";
@@ -208,6 +277,8 @@ static void test_spec(void)
 	spec_buf[so.len] = 0;
 	CHECK(rc == 0 && strstr(spec_buf, "\"namespaces\":[{\"type\":\"mount\"}]"),
 	      "no cgroup mount, no cgroup namespace: %s %s", e.msg, spec_buf);
+
+	test_seccomp();
 
 	const char *c4 = "{\"root\":{}}";
 	rc = spec_adapt_config(c4, strlen(c4), "/r", false, &so, &e);

@@ -48,6 +48,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       runtime_type = "{runtime}"
       runtime_path = "{shim}"
       pod_annotations = ["io.cloudhv.*", "io.katacontainers.*"]
+      container_annotations = ["io.cloudhv.container.*"]
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cloudhv.options]
         ConfigPath = "{shim_config}"
 """

@@ -43,12 +43,14 @@ class Pod:
         annotations: dict[str, str] | None = None,
         memory_limit: int = 0,
         cpu_quota: int = 0,
+        hostname: str | None = None,
+        linux: Any = None,
     ) -> None:
         pb = cri.pb
         self.cri, self.pb = cri, pb
         self.log_dir = env.scratch / "logs" / name
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        linux = pb.LinuxPodSandboxConfig()
+        linux = linux if linux is not None else pb.LinuxPodSandboxConfig()
         if memory_limit or cpu_quota:
             linux.resources.CopyFrom(
                 pb.LinuxContainerResources(
@@ -59,7 +61,7 @@ class Pod:
             )
         self.config = pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="default"),
-            hostname=name,
+            hostname=name if hostname is None else hostname,
             log_directory=str(self.log_dir),
             annotations=annotations or {},
             linux=linux,
@@ -70,11 +72,13 @@ class Pod:
         ).pod_sandbox_id
         self.run_seconds = time.monotonic() - started
 
-    def container(self, name: str, command: list[str], **config: Any) -> str:
+    def container(
+        self, name: str, command: list[str], *, image: str = BUSYBOX, **config: Any
+    ) -> str:
         pb = self.pb
         ccfg = pb.ContainerConfig(
             metadata=pb.ContainerMetadata(name=name),
-            image=pb.ImageSpec(image=BUSYBOX),
+            image=pb.ImageSpec(image=image),
             command=command,
             log_path=f"{name}.log",
             **config,
