@@ -415,13 +415,20 @@ class AgentClient:
         dns_servers: Sequence[str] = (),
         dns_searches: Sequence[str] = (),
         dns_options: Sequence[str] = (),
+        node_pid: bool = False,
+        node_ipc: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
+        """Pod-wide guest setup, before any container: the hostname, DNS, and the pod's
+        shared namespaces (the VM's own PID / IPC one with node_pid / node_ipc, CRI's
+        NODE)."""
         req = _pb.SetupPodRequest(
             hostname=hostname,
             dns_servers=list(dns_servers),
             dns_searches=list(dns_searches),
             dns_options=list(dns_options),
+            node_pid=node_pid,
+            node_ipc=node_ipc,
         )
         await self._call("SetupPod", req, None, timeout)
 

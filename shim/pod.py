@@ -263,7 +263,9 @@ class Pod:
             log.debug("event=annotations_ignored pod=%s keys=%s", self.id, ",".join(ignored))
         return size
 
-    async def _boot(self, size: sizing.VmSize, hostname: str) -> None:
+    async def _boot(
+        self, size: sizing.VmSize, hostname: str, pod: spec_mod.PodOptions | None = None
+    ) -> None:
         vm_dir = self._store.pod_dir(self.id) / "vm"
         vcpus, memory = size.vcpus, size.memory_mib
         spec = VmSpec(
@@ -304,9 +306,17 @@ class Pod:
             await agent.set_time(timeout=10)
             # The VM's hostname is the pod's: every container's own uts namespace
             # starts as a copy of the agent's.
-            await agent.setup_pod(hostname, timeout=10)
+            pod = pod or spec_mod.PodOptions()
+            await agent.setup_pod(
+                hostname,
+                node_pid=pod.node_pid,
+                node_ipc=pod.node_ipc,
+                timeout=10,
+            )
         except BaseException as err:
             await self._stop_vm()
+            if isinstance(err, InvalidArgument):
+                raise InvalidArgument(f"pod {self.id}: {err}") from err
             if isinstance(err, ShimError):
                 raise Unavailable(f"pod {self.id}: agent did not come up: {err}") from err
             raise
@@ -372,9 +382,12 @@ class Pod:
             spec = spec_mod.read_spec(Path(task.bundle) / "config.json")
             annotations = spec_mod.annotations_of(spec)
             hostname = spec_mod.hostname_of(spec)
+            pod_options = spec_mod.pod_options(spec)
         except spec_mod.SpecError as err:
             raise InvalidArgument(f"create {task.id}: {err}") from err
         identity = spec_mod.identify(task.id, annotations)
+        if identity.kind is not spec_mod.TaskKind.SANDBOX:
+            pod_options = spec_mod.PodOptions()
         if identity.pod_id != self.id:
             raise InvalidArgument(
                 f"create {task.id}: it belongs to pod {identity.pod_id}, this shim serves {self.id}"
@@ -402,7 +415,7 @@ class Pod:
             )
             try:
                 if size is not None:
-                    await self._boot(size, hostname)
+                    await self._boot(size, hostname, pod_options)
                 if identity.kind is spec_mod.TaskKind.SANDBOX:
                     ctr = Container(task, identity.kind, _Proc(Process(task.id), None), None)
                 else:

@@ -77,6 +77,27 @@ def hostname_of(spec: Mapping[str, Any]) -> str:
     return hostname
 
 
+@dataclass(frozen=True)
+class PodOptions:
+    """What a sandbox spec says about the pod as a whole, for the guest's SetupPod."""
+
+    node_pid: bool = False  # CRI NamespaceMode NODE: the pod uses the VM's PID namespace
+    node_ipc: bool = False  # ... and the VM's IPC namespace
+
+
+def pod_options(spec: Mapping[str, Any]) -> PodOptions:
+    """The pod's NODE namespaces from its sandbox spec: containerd leaves out the pid
+    or ipc namespace entry when the pod's NamespaceOption for it is NODE."""
+    linux = spec.get("linux") or {}
+    if not isinstance(linux, dict):
+        raise SpecError("OCI spec: linux is not an object")
+    namespaces = linux.get("namespaces") or []
+    if not isinstance(namespaces, list) or not all(isinstance(n, dict) for n in namespaces):
+        raise SpecError("OCI spec: linux.namespaces is not a list of objects")
+    types = {n.get("type") for n in namespaces}
+    return PodOptions(node_pid="pid" not in types, node_ipc="ipc" not in types)
+
+
 def mounts_of(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The spec's mounts, each checked to be a JSON object."""
     raw = spec.get("mounts") or []

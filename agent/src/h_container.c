@@ -13,6 +13,7 @@
 #include "fsutil.h"
 #include "jobs.h"
 #include "pbfields.h"
+#include "podns.h"
 #include "log.h"
 #include "proc.h"
 #include "rpc.h"
@@ -23,7 +24,7 @@
 	const PB(ExecProcessRequest) *: exec_wants_stdin)(r)
 
 static char spec_buf[cloudhv_agent_v1_CreateContainerRequest_size + 8192];
-static struct spec_out spec_out = {spec_buf, sizeof spec_buf, 0, {{{0}, {0}}}, 0};
+static struct spec_out spec_out = {spec_buf, sizeof spec_buf, 0, {{{0}, {0}}}, 0, false};
 
 static void bundle_path(char *buf, size_t cap, const char *id, const char *leaf)
 {
@@ -311,9 +312,13 @@ int h_create_container(struct call *c, const void *vreq, void *vresp, struct err
 	} else {
 		snprintf(root, sizeof root, "%s", r->rootfs.path);
 	}
-	if (spec_adapt_config((const char *)r->oci_spec_json.bytes, r->oci_spec_json.size, root,
+	const char *podns = podns_ensure(e);
+	if (!podns)
+		goto fail;
+	if (spec_adapt_config((const char *)r->oci_spec_json.bytes, r->oci_spec_json.size, root, podns,
 			      r->terminal, &spec_out, e) < 0)
 		goto fail;
+	ct->own_pidns = spec_out.own_pidns;
 	if (apply_sysctls(&spec_out, e) < 0)
 		goto fail;
 	bundle_path(cfg, sizeof cfg, ct->id, "config.json");
@@ -468,8 +473,9 @@ int h_signal_process(struct call *c, const void *vreq, void *vresp, struct err *
 		int ci = container_get(r->container_id, e);
 		if (ci < 0 || check_idle(ci, e) < 0)
 			return R_ERR;
-		/* Every container has its own PID namespace: nothing outlives init. */
-		if (container_state(ci) == CS_STOPPED)
+		/* In a PID namespace of its own nothing outlives init; in the pod's or
+		 * the VM's, its children may, and crun kills them by cgroup. */
+		if (container_state(ci) == CS_STOPPED && containers[ci].own_pidns)
 			return err_set(e, C_NOT_FOUND, "process already finished");
 		char sig[12];
 		snprintf(sig, sizeof sig, "%u", r->signal);

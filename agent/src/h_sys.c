@@ -13,6 +13,7 @@
 #include "fsutil.h"
 #include "log.h"
 #include "pid1.h"
+#include "podns.h"
 #include "rpc.h"
 
 int h_health(struct call *c, const void *req, void *vresp, struct err *e)
@@ -89,9 +90,13 @@ int h_setup_pod(struct call *c, const void *vreq, void *vresp, struct err *e)
 {
 	const PB(SetupPodRequest) *r = vreq;
 	(void)vresp;
-	snprintf(c->ids, sizeof c->ids, " hostname=%s", r->hostname);
+	snprintf(c->ids, sizeof c->ids, " hostname=%s%s%s", r->hostname, r->node_pid ? " node-pid" : "",
+		 r->node_ipc ? " node-ipc" : "");
 	if (r->hostname[0] && sethostname(r->hostname, strlen(r->hostname)) < 0)
 		return err_sys(e, "sethostname %s", r->hostname);
+	/* After sethostname: the pod's UTS namespace starts as a copy of the VM's. */
+	if (podns_create(r->node_pid, r->node_ipc, e) < 0)
+		return R_ERR;
 	/* /etc is read-only: the files live under /run/cloudhv for the shim to
 	 * bind into containers. */
 	static char buf[8192];

@@ -16,6 +16,7 @@
 #include "ev.h"
 #include "log.h"
 #include "pid1.h"
+#include "podns.h"
 #include "proc.h"
 #include "rpc.h"
 #include "ttrpc.h"
@@ -40,6 +41,10 @@ static void usage(void)
 
 int main(int argc, char **argv)
 {
+	/* The pod's namespace holder is this binary too (podns.c); it is PID 1
+	 * of its own PID namespace, so it must be told apart first. */
+	if (argc > 0 && !strcmp(argv[0], PODNS_ARGV0))
+		podns_holder_main();
 	g_pid1 = getpid() == 1;
 	const char *unix_path = NULL;
 	bool vsock = true;

@@ -9,6 +9,7 @@
 
 #include "jobs.h"
 #include "log.h"
+#include "podns.h"
 
 struct container containers[MAX_CONTAINERS];
 struct proc procs[MAX_PROCS];
@@ -329,7 +330,7 @@ void proc_set_pid(int pi, pid_t pid)
 static void on_exit(pid_t pid, int status)
 {
 	uint64_t now = wall_ns();
-	if (job_on_exit(pid, status))
+	if (job_on_exit(pid, status) || podns_on_exit(pid, status))
 		return;
 	for (int i = 0; i < MAX_PROCS; i++) {
 		struct proc *p = &procs[i];

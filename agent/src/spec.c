@@ -1,5 +1,6 @@
 #include "spec.h"
 
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -19,8 +20,12 @@ static void drop_lsm(struct jdoc *d, int process)
 	json_del(d, json_get(d, process, "selinuxLabel"));
 }
 
-static int adapt_namespaces(struct jdoc *d, int linux_, struct err *e)
+static char pod_paths[3][48];
+
+static int adapt_namespaces(struct jdoc *d, int linux_, const char *podns_dir, struct spec_out *out,
+			    struct err *e)
 {
+	static const char *const pod_types[] = {"ipc", "uts", "pid"};
 	int nss = json_get(d, linux_, "namespaces");
 	if (nss < 0)
 		return 0;
@@ -31,14 +36,31 @@ static int adapt_namespaces(struct jdoc *d, int linux_, struct err *e)
 		char type[32];
 		if (json_str(d, json_get(d, i, "type"), type, sizeof type) < 0)
 			return err_set(e, C_INVALID_ARGUMENT, "spec: a namespace has no type");
-		/* A namespace path names a host process's namespace, meaningless in the guest:
-		 * the container gets its own (mount, pid, ipc, uts: issue 4). The network
-		 * namespace goes entirely, so every container shares the VM's network, which
-		 * is the pod's. A new uts namespace starts with the VM's (the pod's) hostname. */
-		if (!strcmp(type, "network"))
+		if (!strcmp(type, "network")) {
 			json_del(d, i);
-		else
-			json_del(d, json_get(d, i, "path"));
+			continue;
+		}
+		int path = json_get(d, i, "path");
+		if (!strcmp(type, "pid") && path < 0)
+			out->own_pidns = true;
+		if (path < 0)
+			continue;
+		/* A path names a host process's namespace, meaningless in the guest:
+		 * for the pod's shared kinds it becomes the holder's, for the others
+		 * the container gets a new one. */
+		int k;
+		for (k = 0; k < 3 && strcmp(type, pod_types[k]); k++)
+			;
+		if (k == 3) {
+			json_del(d, path);
+			continue;
+		}
+		char p[40];
+		snprintf(p, sizeof p, "%s/%s", podns_dir ? podns_dir : "", type);
+		if (!podns_dir || !json_quote(p, pod_paths[k], sizeof pod_paths[k]))
+			return err_set(e, C_FAILED_PRECONDITION, "spec: %s namespace of the pod: none to join", type);
+		if (json_set(d, i, "path", pod_paths[k], e) < 0)
+			return -1;
 	}
 	return 0;
 }
@@ -131,11 +153,12 @@ static int check_mounts(struct jdoc *d, int root, struct err *e)
 	return 0;
 }
 
-int spec_adapt_config(const char *json, size_t len, const char *root_path, bool terminal,
-		      struct spec_out *out, struct err *e)
+int spec_adapt_config(const char *json, size_t len, const char *root_path, const char *podns_dir,
+		      bool terminal, struct spec_out *out, struct err *e)
 {
 	struct jdoc *d = &doc;
 	out->n_sysctl = 0;
+	out->own_pidns = false;
 	if (json_parse(d, json, len, e) < 0)
 		return -1;
 	if (d->n[0].type != J_OBJ)
@@ -169,7 +192,7 @@ int spec_adapt_config(const char *json, size_t len, const char *root_path, bool 
 	int linux_ = json_get(d, root, "linux");
 	if (linux_ >= 0 && d->n[linux_].type == J_OBJ) {
 		json_del(d, json_get(d, linux_, "mountLabel"));
-		if (adapt_namespaces(d, linux_, e) < 0 || take_net_sysctls(d, linux_, out, e) < 0 ||
+		if (adapt_namespaces(d, linux_, podns_dir, out, e) < 0 || take_net_sysctls(d, linux_, out, e) < 0 ||
 		    ensure_cgroup_namespace(d, root, linux_, e) < 0)
 			return -1;
 	}

@@ -2,10 +2,13 @@
  * guest. Kept: cgroupsPath, resources, seccomp, capabilities, rlimits, user,
  * masked/readonly paths. Changed:
  *  - root.path becomes the guest rootfs; process.terminal follows the request;
- *  - namespaces lose host paths. network, and ipc/uts that pointed at the
- *    pod's (host) namespaces, are dropped: the VM is the pod, so containers
- *    share the VM's network, IPC and UTS namespaces. Other namespaces with a
- *    path become new ones. "hostname" goes with a dropped UTS namespace;
+ *  - namespaces follow CRI's NamespaceOption as containerd writes it: an
+ *    ipc, uts or pid entry with a path (the sandbox's, /proc/<pid>/ns/<type>
+ *    on the host) means POD and joins the pod's shared namespace in the guest
+ *    (podns_dir/<type>); an entry without a path (CONTAINER) stays a new one;
+ *    no entry (NODE) leaves the container in the VM's. network goes: every
+ *    container shares the VM's network, which is the pod's. Other namespaces
+ *    with a path (mount, cgroup) become new ones;
  *  - a spec that mounts cgroups (type cgroup or cgroup2) gets a cgroup
  *    namespace if it has none, so /sys/fs/cgroup in the container is its own
  *    cgroup (memory.max is its limit), not the VM's root;
@@ -34,10 +37,12 @@ struct spec_out {
 	size_t len;
 	struct sysctl_kv sysctl[SPEC_MAX_SYSCTL];
 	int n_sysctl;
+	bool own_pidns;     /* the container's init is PID 1 of a PID namespace of its own */
 };
 
-int spec_adapt_config(const char *json, size_t len, const char *root_path, bool terminal,
-		      struct spec_out *out, struct err *e);
+/* podns_dir: "/proc/<pid>/ns" of the pod's namespace holder. */
+int spec_adapt_config(const char *json, size_t len, const char *root_path, const char *podns_dir,
+		      bool terminal, struct spec_out *out, struct err *e);
 int spec_adapt_process(const char *json, size_t len, bool terminal, struct spec_out *out,
 		       struct err *e);
 

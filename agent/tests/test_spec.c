@@ -133,7 +133,7 @@ static void test_json(void)
 }
 
 static char spec_buf[65536];
-static struct spec_out so = {spec_buf, sizeof spec_buf, 0, {{{0}, {0}}}, 0};
+static struct spec_out so = {spec_buf, sizeof spec_buf, 0, {{{0}, {0}}}, 0, false};
 
 static const char *config =
 	"{\"ociVersion\":\"1.0.2\","
@@ -166,7 +166,8 @@ static const char *config_want =
 	"{\"destination\":\"/etc/hosts\",\"type\":\"bind\",\"source\":\"/\",\"options\":[\"rbind\",\"ro\"]}],"
 	"\"linux\":{\"cgroupsPath\":\"/k8s/abc\",\"resources\":{\"memory\":{\"limit\":1048576}},"
 	"\"sysctl\":{\"kernel.msgmax\":\"8192\"},"
-	"\"namespaces\":[{\"type\":\"pid\"},{\"type\":\"ipc\"},{\"type\":\"uts\"},{\"type\":\"mount\"}],"
+	"\"namespaces\":[{\"type\":\"pid\",\"path\":\"/proc/7/ns/pid\"},{\"type\":\"ipc\",\"path\":\"/proc/7/ns/ipc\"},"
+	"{\"type\":\"uts\",\"path\":\"/proc/7/ns/uts\"},{\"type\":\"mount\"}],"
 	"\"seccomp\":{\"defaultAction\":\"SCMP_ACT_ERRNO\",\"syscalls\":[" DENY "]},"
 	"\"maskedPaths\":[\"/proc/kcore\"],\"readonlyPaths\":[\"/proc/sys\"]}}";
 
@@ -177,7 +178,7 @@ static void seccomp_case(const char *linux_, const char *annotations, const char
 	struct err e = {0};
 	snprintf(spec, sizeof spec, "{\"process\":{}%s%s%s%s}", linux_ ? ",\"linux\":" : "", linux_ ? linux_ : "",
 		 annotations ? ",\"annotations\":" : "", annotations ? annotations : "");
-	int rc = spec_adapt_config(spec, strlen(spec), "/r", false, &so, &e);
+	int rc = spec_adapt_config(spec, strlen(spec), "/r", "/proc/7/ns", false, &so, &e);
 	spec_buf[rc == 0 ? so.len : 0] = 0;
 	const char *got = strstr(spec_buf, "\"linux\":");
 	if (want[0] == '!')
@@ -236,7 +237,7 @@ static void test_seccomp(void)
 static void test_spec(void)
 {
 	struct err e = {0};
-	int rc = spec_adapt_config(config, strlen(config), "/run/disks/x \"q\"", false, &so, &e);
+	int rc = spec_adapt_config(config, strlen(config), "/run/disks/x \"q\"", "/proc/7/ns", false, &so, &e);
 	CHECK(rc == 0, "adapt config: %s", e.msg);
 	spec_buf[so.len] = 0;
 	CHECK(!strcmp(spec_buf, config_want), "adapted config:\n got %s\nwant %s", spec_buf, config_want);
@@ -244,9 +245,25 @@ static void test_spec(void)
 		      !strcmp(so.sysctl[0].val, "0"),
 	      "net sysctls taken out: %d", so.n_sysctl);
 
+	CHECK(!so.own_pidns, "a pod PID namespace is not the container's own");
+
+	/* Pod namespaces (CRI NamespaceOption): a path means POD, the pod's shared
+	 * one; no path means CONTAINER; no entry means NODE (the VM's). */
+	const char *ns = "{\"process\":{},\"linux\":{\"namespaces\":[{\"type\":\"pid\"},{\"type\":\"uts\",\"path\":\"/proc/3/ns/uts\"},"
+			 "{\"type\":\"cgroup\",\"path\":\"/proc/3/ns/cgroup\"},{\"type\":\"mount\"}]}}";
+	rc = spec_adapt_config(ns, strlen(ns), "/r", "/proc/7/ns", false, &so, &e);
+	spec_buf[so.len] = 0;
+	CHECK(rc == 0 && so.own_pidns &&
+		      strstr(spec_buf, "\"namespaces\":[{\"type\":\"pid\"},{\"type\":\"uts\",\"path\":\"/proc/7/ns/uts\"},"
+				       "{\"type\":\"cgroup\"},{\"type\":\"mount\"}]"),
+	      "pod/container namespaces: %s %s", e.msg, spec_buf);
+	rc = spec_adapt_config(ns, strlen(ns), "/r", NULL, false, &so, &e);
+	CHECK(rc < 0 && e.code == C_FAILED_PRECONDITION && strstr(e.msg, "uts namespace of the pod"),
+	      "no pod namespaces to join: %s", e.msg);
+
 	/* No root object, namespaces without paths, network without path. */
 	const char *c2 = "{\"process\":{\"args\":[\"true\"]},\"linux\":{\"namespaces\":[{\"type\":\"network\"},{\"type\":\"uts\"}]},\"hostname\":\"h\"}";
-	rc = spec_adapt_config(c2, strlen(c2), "/r", true, &so, &e);
+	rc = spec_adapt_config(c2, strlen(c2), "/r", "/proc/7/ns", true, &so, &e);
 	spec_buf[so.len] = 0;
 	CHECK(rc == 0 && !strcmp(spec_buf, "{\"process\":{\"args\":[\"true\"],\"terminal\":true},"
 					   "\"linux\":{\"namespaces\":[{\"type\":\"uts\"}],\"seccomp\":" PERMISSIVE "},"
@@ -254,26 +271,26 @@ static void test_spec(void)
 	      "minimal config: %s %s", e.msg, spec_buf);
 
 	const char *c3 = "{\"process\":{},\"mounts\":[{\"destination\":\"/data\",\"type\":\"none\",\"source\":\"/no/such/dir\",\"options\":[\"bind\"]}]}";
-	rc = spec_adapt_config(c3, strlen(c3), "/r", false, &so, &e);
+	rc = spec_adapt_config(c3, strlen(c3), "/r", "/proc/7/ns", false, &so, &e);
 	CHECK(rc < 0 && e.code == C_INVALID_ARGUMENT && strstr(e.msg, "/data"), "missing bind source: %s", e.msg);
 
 	/* A cgroup mount without a cgroup namespace gets one; a namespace that is
 	 * there (with a host path) is kept, without its path. */
 	const char *c5 = "{\"process\":{},\"mounts\":[{\"destination\":\"/sys/fs/cgroup\",\"type\":\"cgroup\","
 			 "\"source\":\"cgroup\"}],\"linux\":{\"namespaces\":[{\"type\":\"pid\"},{\"type\":\"network\"}]}}";
-	rc = spec_adapt_config(c5, strlen(c5), "/r", false, &so, &e);
+	rc = spec_adapt_config(c5, strlen(c5), "/r", "/proc/7/ns", false, &so, &e);
 	spec_buf[so.len] = 0;
 	CHECK(rc == 0 && strstr(spec_buf, "\"namespaces\":[{\"type\":\"pid\"},{\"type\":\"cgroup\"}]"),
 	      "cgroup namespace added: %s %s", e.msg, spec_buf);
 	const char *c6 = "{\"process\":{},\"mounts\":[{\"destination\":\"/sys/fs/cgroup\",\"type\":\"cgroup2\"}],"
 			 "\"linux\":{\"namespaces\":[{\"type\":\"cgroup\",\"path\":\"/proc/9/ns/cgroup\"},{\"type\":\"mount\"}]}}";
-	rc = spec_adapt_config(c6, strlen(c6), "/r", false, &so, &e);
+	rc = spec_adapt_config(c6, strlen(c6), "/r", "/proc/7/ns", false, &so, &e);
 	spec_buf[so.len] = 0;
 	CHECK(rc == 0 && strstr(spec_buf, "\"namespaces\":[{\"type\":\"cgroup\"},{\"type\":\"mount\"}]"),
 	      "cgroup namespace kept once: %s %s", e.msg, spec_buf);
 	const char *c7 = "{\"process\":{},\"mounts\":[{\"destination\":\"/proc\",\"type\":\"proc\"}],"
 			 "\"linux\":{\"namespaces\":[{\"type\":\"mount\"}]}}";
-	rc = spec_adapt_config(c7, strlen(c7), "/r", false, &so, &e);
+	rc = spec_adapt_config(c7, strlen(c7), "/r", "/proc/7/ns", false, &so, &e);
 	spec_buf[so.len] = 0;
 	CHECK(rc == 0 && strstr(spec_buf, "\"namespaces\":[{\"type\":\"mount\"}]"),
 	      "no cgroup mount, no cgroup namespace: %s %s", e.msg, spec_buf);
@@ -281,10 +298,10 @@ static void test_spec(void)
 	test_seccomp();
 
 	const char *c4 = "{\"root\":{}}";
-	rc = spec_adapt_config(c4, strlen(c4), "/r", false, &so, &e);
+	rc = spec_adapt_config(c4, strlen(c4), "/r", "/proc/7/ns", false, &so, &e);
 	CHECK(rc < 0 && strstr(e.msg, "no process"), "no process: %s", e.msg);
 
-	rc = spec_adapt_config("[]", 2, "/r", false, &so, &e);
+	rc = spec_adapt_config("[]", 2, "/r", "/proc/7/ns", false, &so, &e);
 	CHECK(rc < 0 && e.code == C_INVALID_ARGUMENT, "not an object: %s", e.msg);
 
 	const char *p = "{\"terminal\":false,\"args\":[\"sh\"],\"apparmorProfile\":\"a\",\"selinuxLabel\":\"s\",\"cwd\":\"/\"}";
@@ -312,13 +329,13 @@ static void test_spec(void)
 	/* The same in a config: the process' label and the linux mountLabel. */
 	const char *ce = "{\"process\":{\"args\":[\"sh\"],\"selinux\\u004cabel\":\"s\"},"
 			 "\"linux\":{\"mount\\u004cabel\":\"m\"}}";
-	rc = spec_adapt_config(ce, strlen(ce), "/r", false, &so, &e);
+	rc = spec_adapt_config(ce, strlen(ce), "/r", "/proc/7/ns", false, &so, &e);
 	spec_buf[so.len] = 0;
 	CHECK(rc == 0 && !strstr(spec_buf, "abel") && !strstr(spec_buf, "\\u"), "escaped keys in a config: %s %s", e.msg,
 	      spec_buf);
 
 	/* Output bound. */
-	struct spec_out tiny = {spec_buf, 10, 0, {{{0}, {0}}}, 0};
+	struct spec_out tiny = {spec_buf, 10, 0, {{{0}, {0}}}, 0, false};
 	rc = spec_adapt_process(p, strlen(p), true, &tiny, &e);
 	CHECK(rc < 0 && e.code == C_RESOURCE_EXHAUSTED, "output bound: %s", e.msg);
 }

@@ -110,9 +110,18 @@ class Pod:
 
 def test_two_containers_share_the_vm_not_their_namespaces(cri: CriClient, env: Env) -> None:
     pod = Pod(cri, env, "shared")
+    # What kubelet sends without shareProcessNamespace (CRI's zero value is POD).
+    pb = cri.pb
+    own_pid = pb.LinuxContainerConfig(
+        security_context=pb.LinuxContainerSecurityContext(
+            namespace_options=pb.NamespaceOption(pid=pb.CONTAINER)
+        )
+    )
     try:
-        a = pod.container("a", ["sh", "-c", "echo hello-from-a; touch /only-in-a; sleep 600"])
-        b = pod.container("b", ["sh", "-c", "echo hello-from-b >&2; sleep 700"])
+        a = pod.container(
+            "a", ["sh", "-c", "echo hello-from-a; touch /only-in-a; sleep 600"], linux=own_pid
+        )
+        b = pod.container("b", ["sh", "-c", "echo hello-from-b >&2; sleep 700"], linux=own_pid)
         host_boot_id = Path("/proc/sys/kernel/random/boot_id").read_text()
         boot_a = pod.exec_sync(a, ["cat", "/proc/sys/kernel/random/boot_id"])[0].decode()
         boot_b = pod.exec_sync(b, ["cat", "/proc/sys/kernel/random/boot_id"])[0].decode()

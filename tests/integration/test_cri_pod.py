@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,14 +19,15 @@ from tests.integration.oci_image import build_image
 from tests.integration.test_cri import Pod
 
 HERE = Path(__file__).resolve().parent
-PROBE_IMAGE = "localhost/test/vsock-probe:1"
+PROBE_IMAGE = "localhost/test/probes:1"
 AGENT_PORT = 1024
 ALLOW_VSOCK = "io.cloudhv.container.allow-vsock"
 
 
-def build_vsock_probe(out: Path) -> Path:
-    """The static musl vsock client (vsock_probe.c), with the kernel headers musl lacks."""
-    include = out.parent / "include"
+def build_probe(source: str, out: Path) -> Path:
+    """A static musl build of a test helper (vsock_probe.c, shm_probe.c), with the
+    kernel headers musl lacks."""
+    include = out.parent.parent / "include"
     include.mkdir(parents=True, exist_ok=True)
     for name, target in (
         ("linux", "/usr/include/linux"),
@@ -45,7 +47,7 @@ def build_vsock_probe(out: Path) -> Path:
             str(include),
             "-o",
             str(out),
-            str(HERE / "vsock_probe.c"),
+            str(HERE / source),
         ],
         check=True,
     )
@@ -56,7 +58,8 @@ def build_vsock_probe(out: Path) -> Path:
 def env() -> Iterator[Env]:
     with containerd_env(max_containers_per_vm=5) as env:
         tree = make_busybox_tree(env.scratch / "probe-tree")
-        build_vsock_probe(tree / "bin" / "vsock-probe")
+        build_probe("vsock_probe.c", tree / "bin" / "vsock-probe")
+        build_probe("shm_probe.c", tree / "bin" / "shm-probe")
         image = build_image([tree], PROBE_IMAGE, ["sh"], env.scratch / "probe.tar")
         import_image(env.containerd, image, "k8s.io")
         yield env
@@ -103,4 +106,93 @@ def test_containers_cannot_reach_the_agent(cri: CriClient, env: Env) -> None:
         assert pod.exec_sync(allowed, ["echo", "me too"]) == (b"me too\n", b"", 0)
     finally:
         pod.remove()
+    assert env.wait_clean() == []
+
+
+def namespaces(cri: CriClient, *, pid: str = "CONTAINER", ipc: str = "POD") -> Any:
+    pb = cri.pb
+    return pb.NamespaceOption(
+        pid=pb.NamespaceMode.Value(pid), ipc=pb.NamespaceMode.Value(ipc), network=pb.POD
+    )
+
+
+def in_namespaces(cri: CriClient, **modes: str) -> Any:
+    pb = cri.pb
+    context = pb.LinuxContainerSecurityContext(namespace_options=namespaces(cri, **modes))
+    return pb.LinuxContainerConfig(security_context=context)
+
+
+# The kernel's initial namespaces (include/linux/proc_ns.h): the VM's own.
+VM_PID_NS = "pid:[4026531836]"
+VM_IPC_NS = "ipc:[4026531839]"
+
+
+def pod_with(cri: CriClient, env: Env, name: str, **modes: str) -> Pod:
+    pb = cri.pb
+    context = pb.LinuxSandboxSecurityContext(namespace_options=namespaces(cri, **modes))
+    return Pod(cri, env, name, linux=pb.LinuxPodSandboxConfig(security_context=context))
+
+
+def test_pod_namespaces_follow_the_cri_options(cri: CriClient, env: Env) -> None:
+    """Issue 17, cause 1, as critest's PodPID, ContainerPID, HostPID and HostIpc cases
+    with runc: POD shares the pod's namespace, CONTAINER gives one of the container's
+    own, NODE (set on the pod) is the VM's. In the pod's PID namespace /proc/1 is the
+    pod's holder, "pause", as under Kubernetes; in the VM's it is the agent."""
+    pod = pod_with(cri, env, "podns", pid="POD")
+    try:
+        a = pod.container(
+            "a",
+            ["sh", "-c", "shm-probe make 42 && exec sleep 601"],
+            image=PROBE_IMAGE,
+            linux=in_namespaces(cri, pid="POD"),
+        )
+        b = pod.container(
+            "b", ["sleep", "602"], image=PROBE_IMAGE, linux=in_namespaces(cri, pid="POD")
+        )
+        own = pod.container(
+            "own", ["sleep", "604"], image=PROBE_IMAGE, linux=in_namespaces(cri, pid="CONTAINER")
+        )
+
+        def ns(cid: str, kind: str) -> str:
+            return pod.exec_sync(cid, ["readlink", f"/proc/self/ns/{kind}"])[0].decode().strip()
+
+        # PID POD: both containers' processes in one namespace, the holder as PID 1.
+        assert pod.exec_sync(b, ["cat", "/proc/1/cmdline"]) == (b"pause\x00", b"", 0)
+        ps_b = pod.exec_sync(b, ["ps", "-o", "args"])[0].decode()
+        assert "sleep 601" in ps_b and "sleep 602" in ps_b and "sleep 604" not in ps_b, ps_b
+        assert ns(a, "pid") == ns(b, "pid") not in (ns(own, "pid"), VM_PID_NS)
+        # PID CONTAINER: init is PID 1 of its own.
+        assert pod.exec_sync(own, ["cat", "/proc/1/cmdline"])[0] == b"sleep\x00604\x00"
+        assert "sleep 601" not in pod.exec_sync(own, ["ps", "-o", "args"])[0].decode()
+
+        # IPC POD (CRI's default): one namespace for the pod, not the VM's.
+        assert pod.exec_sync(b, ["shm-probe", "find", "42"]) == (b"found\n", b"", 0)
+        assert pod.exec_sync(own, ["shm-probe", "find", "42"]) == (b"found\n", b"", 0)
+        assert ns(a, "ipc") == ns(b, "ipc") == ns(own, "ipc") != VM_IPC_NS
+
+        # UTS: the pod's, with its hostname, in every container.
+        for cid in (a, b, own):
+            assert pod.exec_sync(cid, ["hostname"])[0] == b"podns\n"
+    finally:
+        pod.remove()
+    assert env.wait_clean() == []
+
+    host = pod_with(cri, env, "nodens", pid="NODE", ipc="NODE")
+    try:
+        node_ns = in_namespaces(cri, pid="NODE", ipc="NODE")
+        x = host.container("x", ["sleep", "603"], image=PROBE_IMAGE, linux=node_ns)
+        y = host.container("y", ["sleep", "605"], image=PROBE_IMAGE, linux=node_ns)
+        # PID NODE: the VM's namespace, where the agent is PID 1 and the other
+        # container's processes show; IPC NODE: the VM's.
+        assert host.exec_sync(y, ["cat", "/proc/1/cmdline"])[0] == b"/init\x00"
+        assert "sleep 603" in host.exec_sync(y, ["ps", "-o", "args"])[0].decode()
+        for cid in (x, y):
+            assert host.exec_sync(cid, ["readlink", "/proc/self/ns/pid"])[0].strip() == (
+                VM_PID_NS.encode()
+            )
+            assert host.exec_sync(cid, ["readlink", "/proc/self/ns/ipc"])[0].strip() == (
+                VM_IPC_NS.encode()
+            )
+    finally:
+        host.remove()
     assert env.wait_clean() == []
