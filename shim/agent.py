@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -415,18 +415,21 @@ class AgentClient:
         dns_servers: Sequence[str] = (),
         dns_searches: Sequence[str] = (),
         dns_options: Sequence[str] = (),
+        sysctls: Mapping[str, str] | None = None,
         node_pid: bool = False,
         node_ipc: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
-        """Pod-wide guest setup, before any container: the hostname, DNS, and the pod's
+        """Pod-wide guest setup, before any container: the hostname, DNS, the pod's
         shared namespaces (the VM's own PID / IPC one with node_pid / node_ipc, CRI's
-        NODE)."""
+        NODE), and the sandbox's sysctls, set in those namespaces (a sysctl that is
+        not namespaced is InvalidArgument naming it)."""
         req = _pb.SetupPodRequest(
             hostname=hostname,
             dns_servers=list(dns_servers),
             dns_searches=list(dns_searches),
             dns_options=list(dns_options),
+            sysctls=[_pb.Sysctl(key=k, value=v) for k, v in (sysctls or {}).items()],
             node_pid=node_pid,
             node_ipc=node_ipc,
         )

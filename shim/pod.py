@@ -309,6 +309,7 @@ class Pod:
             pod = pod or spec_mod.PodOptions()
             await agent.setup_pod(
                 hostname,
+                sysctls=pod.sysctls,
                 node_pid=pod.node_pid,
                 node_ipc=pod.node_ipc,
                 timeout=10,
@@ -387,7 +388,7 @@ class Pod:
             raise InvalidArgument(f"create {task.id}: {err}") from err
         identity = spec_mod.identify(task.id, annotations)
         if identity.kind is not spec_mod.TaskKind.SANDBOX:
-            pod_options = spec_mod.PodOptions()
+            pod_options = spec_mod.PodOptions()  # a container's sysctls are crun's to set
         if identity.pod_id != self.id:
             raise InvalidArgument(
                 f"create {task.id}: it belongs to pod {identity.pod_id}, this shim serves {self.id}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,21 +81,30 @@ def hostname_of(spec: Mapping[str, Any]) -> str:
 class PodOptions:
     """What a sandbox spec says about the pod as a whole, for the guest's SetupPod."""
 
+    sysctls: Mapping[str, str] = field(default_factory=dict)  # the pod's linux.sysctl
     node_pid: bool = False  # CRI NamespaceMode NODE: the pod uses the VM's PID namespace
     node_ipc: bool = False  # ... and the VM's IPC namespace
 
 
 def pod_options(spec: Mapping[str, Any]) -> PodOptions:
-    """The pod's NODE namespaces from its sandbox spec: containerd leaves out the pid
-    or ipc namespace entry when the pod's NamespaceOption for it is NODE."""
+    """The pod's sysctls and NODE namespaces from its sandbox spec. containerd writes
+    the pod's sysctls into linux.sysctl, and leaves out the pid or ipc namespace
+    entry when the pod's NamespaceOption for it is NODE."""
     linux = spec.get("linux") or {}
     if not isinstance(linux, dict):
         raise SpecError("OCI spec: linux is not an object")
+    sysctls = linux.get("sysctl") or {}
+    if not isinstance(sysctls, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in sysctls.items()
+    ):
+        raise SpecError("OCI spec: linux.sysctl is not an object of strings")
     namespaces = linux.get("namespaces") or []
     if not isinstance(namespaces, list) or not all(isinstance(n, dict) for n in namespaces):
         raise SpecError("OCI spec: linux.namespaces is not a list of objects")
     types = {n.get("type") for n in namespaces}
-    return PodOptions(node_pid="pid" not in types, node_ipc="ipc" not in types)
+    return PodOptions(
+        sysctls=dict(sysctls), node_pid="pid" not in types, node_ipc="ipc" not in types
+    )
 
 
 def mounts_of(spec: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@
 #include "proc.h"
 #include "rpc.h"
 #include "spec.h"
+#include "sysctl.h"
 
 #define STDIN_WANTED(r) _Generic((r), \
 	const PB(CreateContainerRequest) *: create_wants_stdin, \
@@ -192,17 +193,8 @@ static int apply_sysctls(const struct spec_out *so, struct err *e)
 {
 	for (int i = 0; i < so->n_sysctl; i++) {
 		const struct sysctl_kv *kv = &so->sysctl[i];
-		char path[160];
-		if (strchr(kv->key, '/') || strstr(kv->key, ".."))
-			return err_set(e, C_INVALID_ARGUMENT, "sysctl %s: bad name", kv->key);
-		snprintf(path, sizeof path, "/proc/sys/%s", kv->key);
-		for (char *p = path + 10; *p; p++)
-			if (*p == '.')
-				*p = '/';
-		if (write_file(path, kv->val, strlen(kv->val), 0644, e) < 0) {
-			e->code = C_INVALID_ARGUMENT;
+		if (sysctl_write(kv, e) < 0)
 			return -1;
-		}
 		alog("sysctl %s=%s applied to the VM (the pod's network namespace)", kv->key, kv->val);
 	}
 	return 0;

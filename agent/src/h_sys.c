@@ -15,6 +15,7 @@
 #include "pid1.h"
 #include "podns.h"
 #include "rpc.h"
+#include "sysctl.h"
 
 int h_health(struct call *c, const void *req, void *vresp, struct err *e)
 {
@@ -90,13 +91,33 @@ int h_setup_pod(struct call *c, const void *vreq, void *vresp, struct err *e)
 {
 	const PB(SetupPodRequest) *r = vreq;
 	(void)vresp;
-	snprintf(c->ids, sizeof c->ids, " hostname=%s%s%s", r->hostname, r->node_pid ? " node-pid" : "",
-		 r->node_ipc ? " node-ipc" : "");
+	snprintf(c->ids, sizeof c->ids, " hostname=%s sysctls=%u%s%s", r->hostname, (unsigned)r->sysctls_count,
+		 r->node_pid ? " node-pid" : "", r->node_ipc ? " node-ipc" : "");
+	/* Every sysctl is checked before anything is changed. */
+	static struct sysctl_kv pod_kv[sizeof r->sysctls / sizeof r->sysctls[0]], net_kv[sizeof pod_kv / sizeof pod_kv[0]];
+	int n_pod = 0, n_net = 0;
+	for (pb_size_t i = 0; i < r->sysctls_count; i++) {
+		const char *key = r->sysctls[i].key;
+		enum sysctl_ns ns = sysctl_ns_of(key);
+		char path[160];
+		if (ns == SYSCTL_NOT_NAMESPACED)
+			return sysctl_refuse(key, e);
+		if (sysctl_path(key, path, sizeof path, e) < 0)
+			return R_ERR;
+		struct sysctl_kv *kv = ns == SYSCTL_NET ? &net_kv[n_net++] : &pod_kv[n_pod++];
+		strfmt(kv->key, sizeof kv->key, "%s", key);
+		strfmt(kv->val, sizeof kv->val, "%s", r->sysctls[i].value);
+	}
 	if (r->hostname[0] && sethostname(r->hostname, strlen(r->hostname)) < 0)
 		return err_sys(e, "sethostname %s", r->hostname);
 	/* After sethostname: the pod's UTS namespace starts as a copy of the VM's. */
-	if (podns_create(r->node_pid, r->node_ipc, e) < 0)
+	if (podns_create(pod_kv, n_pod, r->node_pid, r->node_ipc, e) < 0)
 		return R_ERR;
+	for (int i = 0; i < n_net; i++) {
+		if (sysctl_write(&net_kv[i], e) < 0)
+			return R_ERR;
+		alog("sysctl %s=%s applied to the VM (the pod's network namespace)", net_kv[i].key, net_kv[i].val);
+	}
 	/* /etc is read-only: the files live under /run/cloudhv for the shim to
 	 * bind into containers. */
 	static char buf[8192];

@@ -30,7 +30,7 @@ pid_t podns_pid(void)
 /* In the child, between clone and exec: anything that fails is reported on
  * fd as text; a successful exec closes fd (it is close-on-exec) with nothing
  * written. */
-static void __attribute__((noreturn)) child(int fd)
+static void __attribute__((noreturn)) child(int fd, const struct sysctl_kv *kv, int n)
 {
 	char msg[ERR_MSG_MAX];
 	sigset_t all;
@@ -45,6 +45,14 @@ static void __attribute__((noreturn)) child(int fd)
 	if (null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0) {
 		snprintf(msg, sizeof msg, "stdio on /dev/null: %s", strerror(errno));
 		goto fail;
+	}
+	/* The pod's sysctls go to its namespaces while we may still write them. */
+	for (int i = 0; i < n; i++) {
+		struct err e;
+		if (sysctl_write(&kv[i], &e) < 0) {
+			snprintf(msg, sizeof msg, "%s", e.msg);
+			goto fail;
+		}
 	}
 	/* Nothing of the agent's stays open in the holder. */
 	if (syscall(SYS_close_range, 3, ~0u, CLOSE_RANGE_CLOEXEC) < 0) {
@@ -69,7 +77,7 @@ fail:;
 	_exit(127);
 }
 
-static int start(bool node_pid, bool node_ipc, struct err *e)
+static int start(const struct sysctl_kv *kv, int n, bool node_pid, bool node_ipc, struct err *e)
 {
 	int p[2];
 	if (pipe2(p, O_CLOEXEC) < 0)
@@ -92,10 +100,10 @@ static int start(bool node_pid, bool node_ipc, struct err *e)
 	}
 	if (pid == 0) {
 		close(p[0]);
-		child(p[1]);
+		child(p[1], kv, n);
 	}
 	close(p[1]);
-	/* The child only resets a few things and execs: a short wait. */
+	/* The child only writes a few files and execs: a short wait. */
 	char msg[ERR_MSG_MAX];
 	ssize_t got;
 	while ((got = read(p[0], msg, sizeof msg - 1)) < 0 && errno == EINTR)
@@ -105,6 +113,8 @@ static int start(bool node_pid, bool node_ipc, struct err *e)
 	if (got != 0) {
 		if (got < 0)
 			err_errno(e, saved, "pod namespaces: read from the holder");
+		else if (!strncmp(msg, "sysctl ", 7))
+			err_set(e, C_INVALID_ARGUMENT, "%.*s", (int)got, msg);
 		else
 			err_set(e, C_INTERNAL, "pod namespaces: holder: %.*s", (int)got, msg);
 		kill((pid_t)pid, SIGKILL); /* the reaper collects it */
@@ -112,24 +122,24 @@ static int start(bool node_pid, bool node_ipc, struct err *e)
 	}
 	holder = (pid_t)pid;
 	snprintf(ns_dir, sizeof ns_dir, "/proc/%d/ns", holder);
-	alog("pod namespaces: holder pid %d: pid %s, ipc %s, uts the pod's", holder,
-	     node_pid ? "the VM's" : "the pod's", node_ipc ? "the VM's" : "the pod's");
+	alog("pod namespaces: holder pid %d: pid %s, ipc %s, uts the pod's; %d sysctls", holder,
+	     node_pid ? "the VM's" : "the pod's", node_ipc ? "the VM's" : "the pod's", n);
 	return 0;
 }
 
 const char *podns_ensure(struct err *e)
 {
-	if (holder <= 0 && start(false, false, e) < 0)
+	if (holder <= 0 && start(NULL, 0, false, false, e) < 0)
 		return NULL;
 	return ns_dir;
 }
 
-int podns_create(bool node_pid, bool node_ipc, struct err *e)
+int podns_create(const struct sysctl_kv *kv, int n, bool node_pid, bool node_ipc, struct err *e)
 {
 	if (holder > 0)
 		return err_set(e, C_FAILED_PRECONDITION,
 			       "pod namespaces exist already (holder pid %d): SetupPod comes once, first", holder);
-	return start(node_pid, node_ipc, e);
+	return start(kv, n, node_pid, node_ipc, e);
 }
 
 bool podns_on_exit(pid_t pid, int status)

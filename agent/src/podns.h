@@ -15,14 +15,16 @@
 #include <sys/types.h>
 
 #include "err.h"
+#include "sysctl.h"
 
 #define PODNS_ARGV0 "pause"
 
 /* Starts the holder if there is none. Returns "/proc/<holder pid>/ns". */
 const char *podns_ensure(struct err *e);
-/* Starts the holder (SetupPod); FAILED_PRECONDITION if it runs already. With
- * node_pid / node_ipc it stays in the VM's PID / IPC namespace (CRI NODE). */
-int podns_create(bool node_pid, bool node_ipc, struct err *e);
+/* Starts the holder with the pod's IPC and UTS sysctls set in its namespaces
+ * (SetupPod); FAILED_PRECONDITION if it runs already. With node_pid / node_ipc
+ * the holder stays in the VM's PID / IPC namespace (CRI NODE). */
+int podns_create(const struct sysctl_kv *kv, int n, bool node_pid, bool node_ipc, struct err *e);
 /* The holder's pid, 0 if none. */
 pid_t podns_pid(void);
 /* For the reaper: true if pid was the holder (its namespaces are gone). */

@@ -98,16 +98,22 @@ static int take_net_sysctls(struct jdoc *d, int linux_, struct spec_out *out, st
 		return 0;
 	JSON_EACH(d, sc, i)
 	{
-		if (d->n[i].klen < 4 || memcmp(d->n[i].key, "net.", 4))
+		char key[sizeof out->sysctl[0].key];
+		if (d->n[i].klen >= sizeof key)
+			return err_set(e, C_INVALID_ARGUMENT, "spec: sysctl %.*s...: name too long", 64, d->n[i].key);
+		memcpy(key, d->n[i].key, d->n[i].klen);
+		key[d->n[i].klen] = 0;
+		enum sysctl_ns ns = sysctl_ns_of(key);
+		if (ns == SYSCTL_NOT_NAMESPACED)
+			return sysctl_refuse(key, e);
+		if (ns != SYSCTL_NET)
 			continue;
 		if (out->n_sysctl == SPEC_MAX_SYSCTL)
 			return err_set(e, C_INVALID_ARGUMENT, "spec: more than %d net.* sysctls", SPEC_MAX_SYSCTL);
 		struct sysctl_kv *kv = &out->sysctl[out->n_sysctl];
-		if (d->n[i].klen >= sizeof kv->key || memchr(d->n[i].key, '\\', d->n[i].klen) ||
-		    json_str(d, i, kv->val, sizeof kv->val) < 0)
-			return err_set(e, C_INVALID_ARGUMENT, "spec: bad sysctl %.*s", (int)d->n[i].klen, d->n[i].key);
-		memcpy(kv->key, d->n[i].key, d->n[i].klen);
-		kv->key[d->n[i].klen] = 0;
+		if (json_str(d, i, kv->val, sizeof kv->val) < 0)
+			return err_set(e, C_INVALID_ARGUMENT, "spec: sysctl %s: value is not a short string", key);
+		memcpy(kv->key, key, sizeof key);
 		out->n_sysctl++;
 		json_del(d, i);
 	}

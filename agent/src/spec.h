@@ -13,7 +13,8 @@
  *    namespace if it has none, so /sys/fs/cgroup in the container is its own
  *    cgroup (memory.max is its limit), not the VM's root;
  *  - net.* sysctls are taken out and returned to the caller, which applies
- *    them to the VM (the pod's network namespace);
+ *    them to the VM (the pod's network namespace); the others stay for crun,
+ *    and one that is not namespaced is refused by name;
  *  - apparmorProfile, selinuxLabel, mountLabel and hooks are dropped;
  *  - a bind mount whose source does not exist in the guest is an error. */
 #ifndef AGENT_SPEC_H
@@ -23,13 +24,9 @@
 #include <stddef.h>
 
 #include "err.h"
+#include "sysctl.h"
 
 #define SPEC_MAX_SYSCTL 16
-
-struct sysctl_kv {
-	char key[128];
-	char val[256];
-};
 
 struct spec_out {
 	char *buf;

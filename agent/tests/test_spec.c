@@ -5,6 +5,7 @@
 
 #include "json.h"
 #include "spec.h"
+#include "sysctl.h"
 
 static int failed, run;
 
@@ -261,6 +262,21 @@ static void test_spec(void)
 	CHECK(rc < 0 && e.code == C_FAILED_PRECONDITION && strstr(e.msg, "uts namespace of the pod"),
 	      "no pod namespaces to join: %s", e.msg);
 
+	/* A container's sysctls: net.* are taken out for the VM, other namespaced
+	 * ones stay for crun, one that is not namespaced is refused by name. */
+	const char *sc = "{\"process\":{},\"linux\":{\"sysctl\":{\"kernel.shm_rmid_forced\":\"1\",\"fs.mqueue.msg_max\":\"64\","
+			 "\"kernel.domainname\":\"d\",\"net.core.somaxconn\":\"1024\"}}}";
+	rc = spec_adapt_config(sc, strlen(sc), "/r", "/proc/7/ns", false, &so, &e);
+	spec_buf[so.len] = 0;
+	CHECK(rc == 0 && so.n_sysctl == 1 && !strcmp(so.sysctl[0].key, "net.core.somaxconn") &&
+		      strstr(spec_buf, "\"sysctl\":{\"kernel.shm_rmid_forced\":\"1\",\"fs.mqueue.msg_max\":\"64\","
+				       "\"kernel.domainname\":\"d\"}"),
+	      "namespaced sysctls: %s %s", e.msg, spec_buf);
+	const char *sn = "{\"process\":{},\"linux\":{\"sysctl\":{\"vm.overcommit_memory\":\"1\"}}}";
+	rc = spec_adapt_config(sn, strlen(sn), "/r", "/proc/7/ns", false, &so, &e);
+	CHECK(rc < 0 && e.code == C_INVALID_ARGUMENT && strstr(e.msg, "sysctl vm.overcommit_memory is not namespaced"),
+	      "not namespaced: %s", e.msg);
+
 	/* No root object, namespaces without paths, network without path. */
 	const char *c2 = "{\"process\":{\"args\":[\"true\"]},\"linux\":{\"namespaces\":[{\"type\":\"network\"},{\"type\":\"uts\"}]},\"hostname\":\"h\"}";
 	rc = spec_adapt_config(c2, strlen(c2), "/r", "/proc/7/ns", true, &so, &e);
@@ -340,8 +356,34 @@ static void test_spec(void)
 	CHECK(rc < 0 && e.code == C_RESOURCE_EXHAUSTED, "output bound: %s", e.msg);
 }
 
+static void test_sysctl(void)
+{
+	static const struct {
+		const char *key;
+		enum sysctl_ns ns;
+	} cases[] = {
+		{"kernel.shm_rmid_forced", SYSCTL_IPC}, {"kernel.msgmax", SYSCTL_IPC}, {"kernel.sem", SYSCTL_IPC},
+		{"fs.mqueue.msg_max", SYSCTL_IPC},      {"kernel.hostname", SYSCTL_UTS}, {"kernel.domainname", SYSCTL_UTS},
+		{"net.ipv4.ip_forward", SYSCTL_NET},    {"kernel.panic", SYSCTL_NOT_NAMESPACED},
+		{"fs.mqueue", SYSCTL_NOT_NAMESPACED},   {"kernel.shm_next_id", SYSCTL_NOT_NAMESPACED},
+		{"vm.swappiness", SYSCTL_NOT_NAMESPACED},
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+		CHECK(sysctl_ns_of(cases[i].key) == cases[i].ns, "namespace of %s", cases[i].key);
+	char path[64];
+	struct err e = {0};
+	CHECK(sysctl_path("fs.mqueue.msg_max", path, sizeof path, &e) == 0 && !strcmp(path, "/proc/sys/fs/mqueue/msg_max"),
+	      "path: %s", path);
+	CHECK(sysctl_path("net/ipv4", path, sizeof path, &e) < 0 && strstr(e.msg, "bad name"), "slash refused");
+	CHECK(sysctl_path("net..x", path, sizeof path, &e) < 0, "dot-dot refused");
+	CHECK(sysctl_refuse("kernel.panic", &e) < 0 && e.code == C_INVALID_ARGUMENT &&
+		      strstr(e.msg, "sysctl kernel.panic is not namespaced"),
+	      "refusal names the key: %s", e.msg);
+}
+
 int main(void)
 {
+	test_sysctl();
 	test_json();
 	test_spec();
 	printf("%d checks, %d failed\n", run, failed);

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.integration.busybox_tree import make_busybox_tree
@@ -195,4 +196,32 @@ def test_pod_namespaces_follow_the_cri_options(cri: CriClient, env: Env) -> None
             )
     finally:
         host.remove()
+    assert env.wait_clean() == []
+
+
+def test_pod_sysctls_reach_the_pods_namespaces(cri: CriClient, env: Env) -> None:
+    """Issue 17, cause 2, as critest's safe and unsafe sysctl cases: the sandbox's
+    sysctls are set in the pod's shared IPC and UTS namespaces and in the VM's
+    network namespace, read back in a container; a non-namespaced one is refused."""
+    pb = cri.pb
+    sysctls = {
+        "kernel.shm_rmid_forced": "1",
+        "fs.mqueue.msg_max": "100",
+        "kernel.domainname": "pod.example",
+        "net.ipv4.ip_unprivileged_port_start": "1000",
+    }
+    pod = Pod(cri, env, "sysctl", linux=pb.LinuxPodSandboxConfig(sysctls=sysctls))
+    try:
+        cid = pod.container("c", ["sleep", "600"], linux=in_namespaces(cri))
+        for key, value in sysctls.items():
+            path = "/proc/sys/" + key.replace(".", "/")
+            assert pod.exec_sync(cid, ["cat", path]) == (f"{value}\n".encode(), b"", 0), key
+    finally:
+        pod.remove()
+    assert env.wait_clean() == []
+
+    with pytest.raises(grpc.RpcError) as refused:
+        Pod(cri, env, "badsysctl", linux=pb.LinuxPodSandboxConfig(sysctls={"kernel.panic": "1"}))
+    assert "kernel.panic" in refused.value.details()
+    assert "not namespaced" in refused.value.details()
     assert env.wait_clean() == []
