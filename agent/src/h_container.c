@@ -16,6 +16,8 @@
 #include "podns.h"
 #include "log.h"
 #include "proc.h"
+#include "redeliver.h"
+#include "sigstate.h"
 #include "rpc.h"
 #include "spec.h"
 #include "sysctl.h"
@@ -482,8 +484,19 @@ int h_signal_process(struct call *c, const void *vreq, void *vresp, struct err *
 		return err_set(e, C_NOT_FOUND, "process already finished");
 	if (p->pid <= 0)
 		return err_set(e, C_FAILED_PRECONDITION, "process is not created yet");
+	/* Looked at before the kill: a handler installed just after it would
+	 * otherwise hide that this signal was dropped. */
+	struct sigstate st;
+	bool dropped = r->signal && sigstate_read(p->pid, (int)r->signal, &st) == 0 &&
+		       signal_would_drop(&st, (int)r->signal);
 	if (kill(p->pid, (int)r->signal) < 0)
 		return err_sys(e, "kill %d", p->pid);
+	if (dropped) {
+		c->loud = true;
+		l = strlen(c->ids);
+		snprintf(c->ids + l, sizeof c->ids - l, " (no handler yet: re-delivered once there is one)");
+		redeliver_add(pi, p->gen, (int)r->signal);
+	}
 	return R_DONE;
 }
 

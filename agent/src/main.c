@@ -18,6 +18,7 @@
 #include "pid1.h"
 #include "podns.h"
 #include "proc.h"
+#include "redeliver.h"
 #include "rpc.h"
 #include "ttrpc.h"
 
@@ -120,6 +121,9 @@ int main(int argc, char **argv)
 		}
 		ttrpc_housekeeping();
 		uint64_t wake = rpc_poll_parked();
+		uint64_t resend = redeliver_poll();
+		if (resend && (!wake || resend < wake))
+			wake = resend;
 		uint16_t conn;
 		uint32_t conn_gen;
 		if (shutdown_requested(&conn, &conn_gen)) {

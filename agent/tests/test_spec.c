@@ -3,7 +3,10 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <signal.h>
+
 #include "json.h"
+#include "sigstate.h"
 #include "spec.h"
 #include "sysctl.h"
 
@@ -356,6 +359,36 @@ static void test_spec(void)
 	CHECK(rc < 0 && e.code == C_RESOURCE_EXHAUSTED, "output bound: %s", e.msg);
 }
 
+/* A stop right after start (issue 17): a signal to a PID 1 without a handler
+ * is dropped, and must be sent again once the handler is there. */
+static void test_sigstate(void)
+{
+	/* A shell that is PID 1 of its container, before `trap ... TERM` ran. */
+	const char *early = "Name:\tsh\nPid:\t812\nNSpid:\t812\t1\nSigPnd:\t0000000000000000\n"
+			    "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000002\nSigCgt:\t0000000000010001\n";
+	struct sigstate st;
+	CHECK(sigstate_parse(early, SIGTERM, &st) == 0 && st.pid1 && !st.caught && !st.ignored && !st.blocked &&
+		      signal_would_drop(&st, SIGTERM),
+	      "TERM to an early PID 1 is dropped");
+	CHECK(sigstate_parse(early, SIGHUP, &st) == 0 && st.caught && !signal_would_drop(&st, SIGHUP), "HUP is caught");
+	CHECK(sigstate_parse(early, SIGINT, &st) == 0 && st.ignored && !signal_would_drop(&st, SIGINT), "INT ignored");
+	CHECK(sigstate_parse(early, SIGKILL, &st) == 0 && !signal_would_drop(&st, SIGKILL), "KILL is never dropped");
+	/* After the trap: caught. */
+	const char *late = "NSpid:\t812\t1\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+			   "SigCgt:\t0000000000004000\n";
+	CHECK(sigstate_parse(late, SIGTERM, &st) == 0 && st.caught && !signal_would_drop(&st, SIGTERM), "TERM caught");
+	/* Not PID 1 (a shared PID namespace, an exec): the default action applies. */
+	const char *exec = "NSpid:\t900\t7\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+			   "SigCgt:\t0000000000000000\n";
+	CHECK(sigstate_parse(exec, SIGTERM, &st) == 0 && !st.pid1 && !signal_would_drop(&st, SIGTERM), "not PID 1");
+	/* Blocked: it stays pending rather than being dropped. */
+	const char *blk = "NSpid:\t1\nSigBlk:\t0000000000004000\nSigIgn:\t0000000000000000\nSigCgt:\t0000000000000000\n";
+	CHECK(sigstate_parse(blk, SIGTERM, &st) == 0 && st.pid1 && st.blocked && !signal_would_drop(&st, SIGTERM),
+	      "blocked");
+	CHECK(sigstate_parse("Name:\tx\n", SIGTERM, &st) < 0, "no NSpid line");
+	CHECK(sigstate_parse(late, 0, &st) < 0 && sigstate_parse(late, 65, &st) < 0, "signal out of range");
+}
+
 static void test_sysctl(void)
 {
 	static const struct {
@@ -384,6 +417,7 @@ static void test_sysctl(void)
 int main(void)
 {
 	test_sysctl();
+	test_sigstate();
 	test_json();
 	test_spec();
 	printf("%d checks, %d failed\n", run, failed);

@@ -5,6 +5,7 @@ behave as runc would (issue 17)."""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,4 +225,37 @@ def test_pod_sysctls_reach_the_pods_namespaces(cri: CriClient, env: Env) -> None
         Pod(cri, env, "badsysctl", linux=pb.LinuxPodSandboxConfig(sysctls={"kernel.panic": "1"}))
     assert "kernel.panic" in refused.value.details()
     assert "not namespaced" in refused.value.details()
+    assert env.wait_clean() == []
+
+
+def test_stop_right_after_start_is_prompt(cri: CriClient, env: Env) -> None:
+    """Issue 17, cause 5: a TERM that reaches the container's init (PID 1 of its own
+    PID namespace) before its handler is installed is dropped by the kernel; the agent
+    sends it again once the handler is there, so the stop takes well under the grace
+    period and the container exits by its handler (143), not by SIGKILL (137)."""
+    pb = cri.pb
+    pod = Pod(cri, env, "stopfast")
+    try:
+        # The trap comes 0.3 s after start: the stop below arrives before it.
+        script = "sleep 0.3; trap 'exit 143' TERM; while true; do sleep 0.1; done"
+        cid = pod.container("trap", ["sh", "-c", script], linux=in_namespaces(cri))
+        stop_ns = time.time_ns()
+        started = time.monotonic()
+        cri.runtime.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=10), timeout=60)
+        elapsed = time.monotonic() - started
+        status = cri.runtime.ContainerStatus(
+            pb.ContainerStatusRequest(container_id=cid), timeout=30
+        ).status
+        # From the stop to the exit: the 0.3 s until the trap, and the signal path.
+        # (StopContainer itself also waits for the container's teardown.)
+        to_exit = (status.finished_at - stop_ns) / 1e9
+        print(
+            f"stop right after start: exit {status.exit_code} {to_exit:.3f} s after the stop;"
+            f" StopContainer took {elapsed:.3f} s"
+        )
+        assert status.exit_code == 143
+        assert to_exit < 1.0
+        assert elapsed < 5.0
+    finally:
+        pod.remove()
     assert env.wait_clean() == []
