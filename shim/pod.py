@@ -382,7 +382,8 @@ class Pod:
         try:
             spec = spec_mod.read_spec(Path(task.bundle) / "config.json")
             annotations = spec_mod.annotations_of(spec)
-            hostname = spec_mod.hostname_of(spec)
+            # No pod hostname: runc leaves the new UTS namespace as it was, the node's.
+            hostname = spec_mod.hostname_of(spec) or os.uname().nodename
             pod_options = spec_mod.pod_options(spec)
         except spec_mod.SpecError as err:
             raise InvalidArgument(f"create {task.id}: {err}") from err

@@ -4,6 +4,7 @@ behave as runc would (issue 17)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -256,6 +257,20 @@ def test_stop_right_after_start_is_prompt(cri: CriClient, env: Env) -> None:
         assert status.exit_code == 143
         assert to_exit < 1.0
         assert elapsed < 5.0
+    finally:
+        pod.remove()
+    assert env.wait_clean() == []
+
+
+def test_empty_pod_hostname_is_the_nodes(cri: CriClient, env: Env) -> None:
+    """Issue 17: with no pod hostname, runc leaves the UTS namespace as the node's, so
+    `hostname` prints the node's name; so does ours (the shim gives the VM the host's).
+    The case with a pod hostname is asserted in test_pod_namespaces_follow_the_cri_options."""
+    pod = Pod(cri, env, "nohostname", hostname="")
+    try:
+        cid = pod.container("h", ["sleep", "600"])
+        out, _, code = pod.exec_sync(cid, ["hostname"])
+        assert (out.decode().strip(), code) == (socket.gethostname(), 0)
     finally:
         pod.remove()
     assert env.wait_clean() == []
