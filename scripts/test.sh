@@ -9,7 +9,9 @@ cd "$REPO"
 echo "== setup"
 VENV=$(bash scripts/setup.sh)
 echo "== build"
-eval "$(bash scripts/build.sh)"
+# Not `eval "$(...)"` alone: a failed build must stop the run, not go on without artifacts.
+artifacts=$(bash scripts/build.sh)
+eval "$artifacts"
 export CLOUDHV_KERNEL CLOUDHV_ROOTFS CLOUDHV_SHIM
 export PATH="$VENV/bin:$PATH"
 
