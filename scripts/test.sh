@@ -8,6 +8,8 @@ cd "$REPO"
 
 echo "== setup"
 VENV=$(bash scripts/setup.sh)
+# The build and the tests use this venv, whatever /var/cache/cloudhv/venv points at.
+export CLOUDHV_VENV="$VENV"
 echo "== build"
 # Not `eval "$(...)"` alone: a failed build must stop the run, not go on without artifacts.
 artifacts=$(bash scripts/build.sh)
