@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from shim.cleanup import cleanup
 from shim.state import (
-    DiskRecord,
     PodState,
     ProcRef,
+    ResourceRecord,
     StateError,
     StateStore,
-    cleanup,
     from_json,
     pod_key,
     to_json,
@@ -33,7 +33,7 @@ def test_round_trip() -> None:
         vmm=ProcRef(3, 4),
         helpers=(ProcRef(5, 6),),
         work_dir="/w",
-        disks=(DiskRecord("c1", "/w/c1.ext4", "ctr"),),
+        resources=(ResourceRecord("disk", "c1", "ctr", {"image": "/w/c1.ext4"}),),
         containers=("ctr",),
         bundles={"ctr": "/b"},
     )
@@ -79,7 +79,7 @@ def test_cleanup_kills_recorded_processes_and_removes_files(tmp_path: Path) -> N
             helpers=(ProcRef(child.pid, start + 1),),  # a recycled pid: must be left alone
             work_dir=str(work),
             vm_dir=str(tmp_path / "state" / "p1" / "vm"),
-            disks=(DiskRecord("c", str(image), "ctr"),),
+            resources=(ResourceRecord("disk", "c", "ctr", {"image": str(image)}),),
         )
         store.save(st)
         done = cleanup(st, store)
