@@ -45,7 +45,7 @@ def cleanup(state: PodState, store: StateStore, *, keep_socket: bool = False) ->
             continue
         done += undo(record)
     dirs = [Path(d) for d in (state.work_dir, state.vm_dir) if d]
-    dirs.append(store.pod_dir(state.pod_id))
+    dirs.append(store.pod_dir(state.namespace, state.pod_id))
     done += [f"unmounted {point}" for point in unmount_under(dirs)]
     if state.socket and not keep_socket:
         with contextlib.suppress(FileNotFoundError):

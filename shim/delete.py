@@ -19,7 +19,7 @@ from shim import bundle, pbwire, spec
 from shim import config as config_mod
 from shim.cleanup import cleanup
 from shim.hostmount import MountError, mount_points, unmount
-from shim.state import PodState, StateStore
+from shim.state import PodState, StateError, StateStore
 
 
 def _warn(message: str) -> None:
@@ -46,7 +46,11 @@ def delete(task_id: str, bundle_dir: Path, namespace: str, address: str) -> byte
         config = None
     if config is not None:
         store = StateStore(config.state_dir)
-        state = store.load(pod_id) or store.find_task(task_id)
+        try:
+            state = store.load(namespace, pod_id) or store.find_task(namespace, task_id)
+        except StateError as err:
+            _warn(f"delete {task_id}: {err}; the pod's state is left for its daemon")
+            state = None
         if state is not None:
             pid = state.vmm.pid if state.vmm else 0
             _cleanup_pod(state, store, task_id)

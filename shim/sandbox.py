@@ -69,7 +69,9 @@ class Sandbox:
         self._agent_connect = agent_connect
         self._on_vm_exit = on_vm_exit
         self._on_oom = on_oom
-        self._state = state.replace(work_dir=str(config.disk_dir / pod_key(state.pod_id)))
+        self._state = state.replace(
+            work_dir=str(config.disk_dir / pod_key(state.namespace, state.pod_id))
+        )
         self._save_lock = asyncio.Lock()
         self._vmm: Vmm | None = None
         self._devices: DeviceManager | None = None
@@ -153,7 +155,7 @@ class Sandbox:
 
     async def boot(self, size: sizing.VmSize, hostname: str) -> None:
         """Start the VM and bring its agent up. On failure nothing of it is left running."""
-        vm_dir = self._store.pod_dir(self.id) / "vm"
+        vm_dir = self._store.pod_dir(self.namespace, self.id) / "vm"
         spec = VmSpec(
             state_dir=vm_dir,
             kernel=self.config.kernel_path,

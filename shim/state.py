@@ -94,8 +94,8 @@ def from_json(text: str) -> PodState:
             containers=tuple(str(c) for c in raw.get("containers") or ()),
             bundles={str(k): str(v) for k, v in (raw.get("bundles") or {}).items()},
         )
-    except (ValueError, KeyError, TypeError) as err:
-        raise StateError(f"invalid pod state: {err}") from err
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise StateError(f"invalid pod state: {err!r}") from err
 
 
 def _resource(raw: Any) -> ResourceRecord:
@@ -122,32 +122,30 @@ def check_id(pod_id: str) -> str:
     return pod_id
 
 
-_KEY_MAX = 24
+def pod_key(namespace: str, pod_id: str) -> str:
+    """The pod's directory name: a readable prefix of the id and a hash of namespace + id.
 
-
-def pod_key(pod_id: str) -> str:
-    """The pod's directory name: the id itself when short, else a prefix and a hash.
-
-    Unix socket paths (the VM's vsock and QMP sockets live in the pod's dir) are
-    limited to 107 bytes, and CRI pod ids alone are 64.
+    The same pod id in two containerd namespaces is two pods: the key tells them
+    apart. It is short because Unix socket paths (the VM's vsock and QMP sockets
+    live in the pod's dir) are limited to 107 bytes, and CRI pod ids alone are 64.
     """
     check_id(pod_id)
-    if len(pod_id) <= _KEY_MAX and pod_id.isascii():
-        return pod_id
-    return pod_id[:12] + "-" + hashlib.sha256(pod_id.encode()).hexdigest()[:8]
+    prefix = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in pod_id)
+    digest = hashlib.sha256(f"{namespace}\0{pod_id}".encode()).hexdigest()[:12]
+    return f"{prefix[:12]}-{digest}"
 
 
 class StateStore:
-    """The directory holding every pod's state: `<root>/<pod id>/state.json`."""
+    """The directory holding every pod's state: `<root>/<pod key>/state.json`."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def pod_dir(self, pod_id: str) -> Path:
-        return self.root / pod_key(pod_id)
+    def pod_dir(self, namespace: str, pod_id: str) -> Path:
+        return self.root / pod_key(namespace, pod_id)
 
     def save(self, state: PodState) -> None:
-        directory = self.pod_dir(state.pod_id)
+        directory = self.pod_dir(state.namespace, state.pod_id)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         target = directory / STATE_FILE
         tmp = directory / f".{STATE_FILE}.tmp"
@@ -159,28 +157,44 @@ class StateStore:
             os.close(fd)
         os.replace(tmp, target)
 
-    def load(self, pod_id: str) -> PodState | None:
+    def load(self, namespace: str, pod_id: str) -> PodState | None:
+        """The pod's state; None if it has none. StateError if the file is unreadable."""
         try:
-            text = (self.pod_dir(pod_id) / STATE_FILE).read_text()
+            text = (self.pod_dir(namespace, pod_id) / STATE_FILE).read_text()
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError) as err:
+            raise StateError(f"pod {pod_id}: cannot read its state: {err}") from err
         return from_json(text)
 
-    def find_task(self, task_id: str) -> PodState | None:
-        """The pod holding task `task_id` (a pod's own id counts)."""
-        direct = self.load(task_id) if _valid(task_id) else None
-        if direct is not None:
-            return direct
+    def find_task(self, namespace: str, task_id: str) -> PodState | None:
+        """The pod of `namespace` holding task `task_id` (a pod's own id counts)."""
+        if _valid(task_id):
+            with contextlib.suppress(StateError):
+                direct = self.load(namespace, task_id)
+                if direct is not None:
+                    return direct
         with contextlib.suppress(FileNotFoundError):
             for entry in sorted(self.root.iterdir()):
                 with contextlib.suppress(StateError, OSError, ValueError):
                     state = from_json((entry / STATE_FILE).read_text())
-                    if task_id in state.containers:
+                    if state.namespace == namespace and task_id in state.containers:
                         return state
         return None
 
-    def remove(self, pod_id: str) -> None:
-        shutil.rmtree(self.pod_dir(pod_id), ignore_errors=True)
+    def set_aside(self, namespace: str, pod_id: str) -> Path | None:
+        """Rename an unreadable state file out of the way, so that it never blocks the
+        pod id again. Returns the new name."""
+        path = self.pod_dir(namespace, pod_id) / STATE_FILE
+        aside = path.with_name(f"{STATE_FILE}.corrupt-{os.getpid()}")
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:
+            return None
+        return aside
+
+    def remove(self, namespace: str, pod_id: str) -> None:
+        shutil.rmtree(self.pod_dir(namespace, pod_id), ignore_errors=True)
 
 
 def _valid(pod_id: str) -> bool:

@@ -119,7 +119,7 @@ class Harness:
         await self.pod.create(CreateTask(cid, bundle, rootfs, StdioSpec()))
 
     def persisted(self) -> PodState:
-        state = self.store.load(POD)
+        state = self.store.load("default", POD)
         assert state is not None
         return state
 
