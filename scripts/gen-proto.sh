@@ -3,7 +3,7 @@
 # (not committed). Imports between our own protos are rewritten to live under shim._pb.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PY:-/var/cache/cloudhv/venv/bin/python}
+PY=${PY:-${CLOUDHV_VENV:-/var/cache/cloudhv/venv}/bin/python}
 OUT="$REPO/shim/_pb"
 stamp=$(cat $(find "$REPO/proto" -name '*.proto' | sort) "$0" | sha256sum | cut -c1-16)
 [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$stamp" ] && exit 0

@@ -8,8 +8,11 @@ cd "$REPO"
 
 echo "== installing dependencies (idempotent)"
 VENV=$(bash scripts/setup.sh)
+# The build and the tests use this venv, whatever /var/cache/cloudhv/venv points at.
+export CLOUDHV_VENV="$VENV"
 echo "== building the guest and the shim (cached by input hash)"
-eval "$(bash scripts/build.sh)"
+artifacts=$(bash scripts/build.sh)  # fails the script if a build fails
+eval "$artifacts"
 
 echo "== installing into /usr/share/cloudhv, /etc/cloudhv and /usr/local/bin"
 install -d -m 0755 /usr/share/cloudhv /etc/cloudhv

@@ -94,7 +94,12 @@ fi
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 deps_hash=$(sha256sum "$REPO/scripts/requirements.txt" | cut -c1-16)
-VENV="$CACHE_DIR/venv-$deps_hash"
+# Under venvs/, not venv-*: older checkouts of this project prune every venv-* but
+# their own, and would delete this one under a running test.
+VENV="$CACHE_DIR/venvs/$deps_hash"
+mkdir -p "$CACHE_DIR/venvs"
+exec 8>"$VENV.lock"  # two checkouts setting up at once build one venv
+flock 8
 if [ ! -f "$VENV/.complete" ]; then
   echo "setup: creating $VENV" >&2
   rm -rf "$VENV"
@@ -103,11 +108,12 @@ if [ ! -f "$VENV/.complete" ]; then
          "$VENV/bin/pip" install -q -r "$REPO/scripts/requirements.txt" >&2; }; then
     rm -rf "$VENV"; exit 1
   fi
-  touch "$VENV/.complete"
 fi
-ln -sfn "$VENV" "$CACHE_DIR/venv"
-# Venvs of older dependency lists are never used again.
-for old in "$CACHE_DIR"/venv-*; do
-  [ "$old" = "$VENV" ] || rm -rf "$old"
+ln -sfn "$VENV" "$CACHE_DIR/venv"  # the default for build-shim.sh and the agent build
+touch "$VENV/.complete"  # marks it used: pruning keeps the most recently used
+# Other checkouts (branches) may still use the venv of their own dependency list:
+# keep the three most recently used, remove older ones.
+ls -1dt "$CACHE_DIR"/venvs/*/.complete 2>/dev/null | tail -n +4 | while read -r mark; do
+  rm -rf "$(dirname "$mark")" "$(dirname "$mark").lock"
 done
 echo "$VENV"

@@ -8,8 +8,12 @@ cd "$REPO"
 
 echo "== setup"
 VENV=$(bash scripts/setup.sh)
+# The build and the tests use this venv, whatever /var/cache/cloudhv/venv points at.
+export CLOUDHV_VENV="$VENV"
 echo "== build"
-eval "$(bash scripts/build.sh)"
+# Not `eval "$(...)"` alone: a failed build must stop the run, not go on without artifacts.
+artifacts=$(bash scripts/build.sh)
+eval "$artifacts"
 export CLOUDHV_KERNEL CLOUDHV_ROOTFS CLOUDHV_SHIM
 export PATH="$VENV/bin:$PATH"
 

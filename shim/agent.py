@@ -18,11 +18,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from shim._pb import agent_pb2 as _agent_pb2
 from shim.errors import DeadlineExceeded, Internal, Unavailable
 from shim.ttrpc.client import Client
+from shim.types import ContainerStats
 from shim.vsock import connect_hybrid_vsock
 
 # Generated modules have no type stubs; every value read from them is converted.
@@ -62,33 +63,6 @@ class Output:
 
 
 @dataclass(frozen=True)
-class ContainerStats:
-    """cgroup v2 figures from the guest, in the units of the cgroup files (0 = max)."""
-
-    cpu_usage_usec: int
-    cpu_user_usec: int
-    cpu_system_usec: int
-    cpu_nr_periods: int
-    cpu_nr_throttled: int
-    cpu_throttled_usec: int
-    memory_usage: int
-    memory_limit: int
-    memory_anon: int
-    memory_file: int
-    memory_kernel_stack: int
-    memory_slab: int
-    memory_inactive_file: int
-    memory_active_file: int
-    memory_pgfault: int
-    memory_pgmajfault: int
-    memory_oom_events: int
-    memory_oom_kill: int
-    pids_current: int
-    pids_limit: int
-    memory_swap_usage: int
-
-
-@dataclass(frozen=True)
 class Route:
     destination: str  # CIDR; "" or "default" for the default route
     gateway: str = ""
@@ -99,19 +73,11 @@ class Route:
 _STATS_FIELDS = tuple(ContainerStats.__dataclass_fields__)
 
 
-class AgentClient:
-    """The agent's RPCs over one ttrpc connection (owned: `close()` closes it)."""
+class _Connection:
+    """One ttrpc connection to the agent and the call plumbing every RPC group uses."""
 
     def __init__(self, client: Client) -> None:
         self._client = client
-
-    @classmethod
-    async def connect(
-        cls, socket_path: Path, *, port: int = AGENT_PORT, deadline: float
-    ) -> AgentClient:
-        """Connect through the VMM's hybrid-vsock socket, retrying until `deadline` (loop time)."""
-        reader, writer = await connect_hybrid_vsock(socket_path, port, deadline=deadline)
-        return cls(Client(reader, writer))
 
     @property
     def closed(self) -> bool:
@@ -124,7 +90,7 @@ class AgentClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def __aenter__(self) -> AgentClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -134,6 +100,51 @@ class AgentClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    # Plumbing.
+
+    async def _read(
+        self, method: str, container_id: str, exec_id: str, timeout: float, max_bytes: int
+    ) -> Output:
+        req = _pb.ReadOutputRequest(
+            container_id=container_id, exec_id=exec_id, max_bytes=min(max_bytes, MAX_CHUNK)
+        )
+        resp = await self._poll(method, req, _pb.ReadOutputResponse, timeout)
+        if resp is None:
+            return Output(b"", eof=False)
+        return Output(bytes(resp.data), bool(resp.eof))
+
+    async def _poll(self, method: str, req: Any, resp_type: Any, timeout: float) -> Any:
+        """A long poll: the reply, or None if the agent had nothing before `timeout`."""
+        try:
+            return await self._call(method, req, resp_type, timeout, grace=_LONG_POLL_GRACE)
+        except DeadlineExceeded:
+            return None
+
+    async def _call(
+        self,
+        method: str,
+        req: Any,
+        resp_type: Any,
+        timeout: float | None,
+        *,
+        grace: float = 0.0,
+    ) -> Any:
+        payload = await self._client.call(
+            SERVICE, method, req.SerializeToString(), timeout=timeout, grace=grace
+        )
+        if resp_type is None:
+            return None
+        resp = resp_type()
+        try:
+            resp.ParseFromString(payload)
+        except Exception as err:  # DecodeError, or ValueError on bad UTF-8
+            raise Internal(f"agent {method}: undecodable reply: {err}") from err
+        return resp
+
+
+class _GuestCalls(_Connection):
+    """Liveness, identity and pod-wide guest setup."""
 
     # Liveness and identity.
 
@@ -152,6 +163,112 @@ class AgentClient:
             memory_total_kib=int(r.memory_total_kib),
             uptime_ms=int(r.uptime_ms),
         )
+
+    # Pod-wide guest setup.
+
+    async def update_interface(
+        self,
+        mac: str,
+        *,
+        name: str = "",
+        mtu: int = 0,
+        addresses: Sequence[IpInterface] = (),
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        """Configure the guest NIC with `mac`: rename, MTU, and addresses (e.g. 10.88.0.5/16)."""
+        req = _pb.UpdateInterfaceRequest(
+            mac=mac,
+            name=name,
+            mtu=mtu,
+            addresses=[
+                _pb.IPAddress(address=str(a.ip), prefix_len=a.network.prefixlen) for a in addresses
+            ],
+        )
+        await self._call("UpdateInterface", req, None, timeout)
+
+    async def update_routes(
+        self, routes: Sequence[Route], *, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> None:
+        req = _pb.UpdateRoutesRequest(
+            routes=[
+                _pb.Route(
+                    destination=r.destination, gateway=r.gateway, device=r.device, metric=r.metric
+                )
+                for r in routes
+            ]
+        )
+        await self._call("UpdateRoutes", req, None, timeout)
+
+    async def setup_pod(
+        self,
+        hostname: str,
+        *,
+        dns_servers: Sequence[str] = (),
+        dns_searches: Sequence[str] = (),
+        dns_options: Sequence[str] = (),
+        sysctls: Mapping[str, str] | None = None,
+        node_pid: bool = False,
+        node_ipc: bool = False,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        """Pod-wide guest setup, before any container: the hostname, DNS, the pod's
+        shared namespaces (the VM's own PID / IPC one with node_pid / node_ipc, CRI's
+        NODE), and the sandbox's sysctls, set in those namespaces (a sysctl that is
+        not namespaced is InvalidArgument naming it)."""
+        req = _pb.SetupPodRequest(
+            hostname=hostname,
+            dns_servers=list(dns_servers),
+            dns_searches=list(dns_searches),
+            dns_options=list(dns_options),
+            sysctls=[_pb.Sysctl(key=k, value=v) for k, v in (sysctls or {}).items()],
+            node_pid=node_pid,
+            node_ipc=node_ipc,
+        )
+        await self._call("SetupPod", req, None, timeout)
+
+    async def copy_file(
+        self,
+        path: str,
+        data: bytes = b"",
+        *,
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        is_dir: bool = False,
+        is_symlink: bool = False,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        """Write a small file in the guest; with is_dir make a directory, with
+        is_symlink make a symlink to the target in `data`."""
+        req = _pb.CopyFileRequest(
+            path=path,
+            data=data,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            is_dir=is_dir,
+            is_symlink=is_symlink,
+        )
+        await self._call("CopyFile", req, None, timeout)
+
+    async def set_time(
+        self, unix_ns: int | None = None, *, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> None:
+        """Set the guest clock to `unix_ns` (default: the host's clock now)."""
+        if unix_ns is None:
+            unix_ns = time.time_ns()
+        sec, nsec = divmod(unix_ns, 1_000_000_000)
+        await self._call("SetTime", _pb.SetTimeRequest(unix_sec=sec, nsec=nsec), None, timeout)
+
+    async def shutdown(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        """Ask the guest to power off. The connection dropping before the reply
+        counts as success: the agent may power off before its answer leaves."""
+        with contextlib.suppress(Unavailable):
+            await self._call("Shutdown", _pb.ShutdownRequest(), None, timeout)
+
+
+class _ContainerCalls(_Connection):
+    """Disks, containers and their processes (crun in the guest)."""
 
     # Disks.
 
@@ -326,6 +443,10 @@ class AgentClient:
         resp = await self._poll("GetOOMEvent", _pb.GetOOMEventRequest(), _pb.OOMEvent, timeout)
         return None if resp is None else str(resp.container_id)
 
+
+class _StdioCalls(_Connection):
+    """Process stdio: chunks of at most MAX_CHUNK bytes, long-polled reads."""
+
     # Stdio.
 
     async def write_stdin(
@@ -373,145 +494,14 @@ class AgentClient:
         req = _pb.ResizeTtyRequest(container_id=container_id, exec_id=exec_id, rows=rows, cols=cols)
         await self._call("ResizeTty", req, None, timeout)
 
-    # Pod-wide guest setup.
 
-    async def update_interface(
-        self,
-        mac: str,
-        *,
-        name: str = "",
-        mtu: int = 0,
-        addresses: Sequence[IpInterface] = (),
-        timeout: float | None = DEFAULT_TIMEOUT,
-    ) -> None:
-        """Configure the guest NIC with `mac`: rename, MTU, and addresses (e.g. 10.88.0.5/16)."""
-        req = _pb.UpdateInterfaceRequest(
-            mac=mac,
-            name=name,
-            mtu=mtu,
-            addresses=[
-                _pb.IPAddress(address=str(a.ip), prefix_len=a.network.prefixlen) for a in addresses
-            ],
-        )
-        await self._call("UpdateInterface", req, None, timeout)
+class AgentClient(_GuestCalls, _ContainerCalls, _StdioCalls):
+    """The agent's RPCs over one ttrpc connection (owned: `close()` closes it)."""
 
-    async def update_routes(
-        self, routes: Sequence[Route], *, timeout: float | None = DEFAULT_TIMEOUT
-    ) -> None:
-        req = _pb.UpdateRoutesRequest(
-            routes=[
-                _pb.Route(
-                    destination=r.destination, gateway=r.gateway, device=r.device, metric=r.metric
-                )
-                for r in routes
-            ]
-        )
-        await self._call("UpdateRoutes", req, None, timeout)
-
-    async def setup_pod(
-        self,
-        hostname: str,
-        *,
-        dns_servers: Sequence[str] = (),
-        dns_searches: Sequence[str] = (),
-        dns_options: Sequence[str] = (),
-        sysctls: Mapping[str, str] | None = None,
-        node_pid: bool = False,
-        node_ipc: bool = False,
-        timeout: float | None = DEFAULT_TIMEOUT,
-    ) -> None:
-        """Pod-wide guest setup, before any container: the hostname, DNS, the pod's
-        shared namespaces (the VM's own PID / IPC one with node_pid / node_ipc, CRI's
-        NODE), and the sandbox's sysctls, set in those namespaces (a sysctl that is
-        not namespaced is InvalidArgument naming it)."""
-        req = _pb.SetupPodRequest(
-            hostname=hostname,
-            dns_servers=list(dns_servers),
-            dns_searches=list(dns_searches),
-            dns_options=list(dns_options),
-            sysctls=[_pb.Sysctl(key=k, value=v) for k, v in (sysctls or {}).items()],
-            node_pid=node_pid,
-            node_ipc=node_ipc,
-        )
-        await self._call("SetupPod", req, None, timeout)
-
-    async def copy_file(
-        self,
-        path: str,
-        data: bytes = b"",
-        *,
-        mode: int = 0o644,
-        uid: int = 0,
-        gid: int = 0,
-        is_dir: bool = False,
-        is_symlink: bool = False,
-        timeout: float | None = DEFAULT_TIMEOUT,
-    ) -> None:
-        """Write a small file in the guest; with is_dir make a directory, with
-        is_symlink make a symlink to the target in `data`."""
-        req = _pb.CopyFileRequest(
-            path=path,
-            data=data,
-            mode=mode,
-            uid=uid,
-            gid=gid,
-            is_dir=is_dir,
-            is_symlink=is_symlink,
-        )
-        await self._call("CopyFile", req, None, timeout)
-
-    async def set_time(
-        self, unix_ns: int | None = None, *, timeout: float | None = DEFAULT_TIMEOUT
-    ) -> None:
-        """Set the guest clock to `unix_ns` (default: the host's clock now)."""
-        if unix_ns is None:
-            unix_ns = time.time_ns()
-        sec, nsec = divmod(unix_ns, 1_000_000_000)
-        await self._call("SetTime", _pb.SetTimeRequest(unix_sec=sec, nsec=nsec), None, timeout)
-
-    async def shutdown(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        """Ask the guest to power off. The connection dropping before the reply
-        counts as success: the agent may power off before its answer leaves."""
-        with contextlib.suppress(Unavailable):
-            await self._call("Shutdown", _pb.ShutdownRequest(), None, timeout)
-
-    # Plumbing.
-
-    async def _read(
-        self, method: str, container_id: str, exec_id: str, timeout: float, max_bytes: int
-    ) -> Output:
-        req = _pb.ReadOutputRequest(
-            container_id=container_id, exec_id=exec_id, max_bytes=min(max_bytes, MAX_CHUNK)
-        )
-        resp = await self._poll(method, req, _pb.ReadOutputResponse, timeout)
-        if resp is None:
-            return Output(b"", eof=False)
-        return Output(bytes(resp.data), bool(resp.eof))
-
-    async def _poll(self, method: str, req: Any, resp_type: Any, timeout: float) -> Any:
-        """A long poll: the reply, or None if the agent had nothing before `timeout`."""
-        try:
-            return await self._call(method, req, resp_type, timeout, grace=_LONG_POLL_GRACE)
-        except DeadlineExceeded:
-            return None
-
-    async def _call(
-        self,
-        method: str,
-        req: Any,
-        resp_type: Any,
-        timeout: float | None,
-        *,
-        grace: float = 0.0,
-    ) -> Any:
-        payload = await self._client.call(
-            SERVICE, method, req.SerializeToString(), timeout=timeout, grace=grace
-        )
-        if resp_type is None:
-            return None
-        resp = resp_type()
-        try:
-            resp.ParseFromString(payload)
-        except Exception as err:  # DecodeError, or ValueError on bad UTF-8
-            raise Internal(f"agent {method}: undecodable reply: {err}") from err
-        return resp
+    @classmethod
+    async def connect(
+        cls, socket_path: Path, *, port: int = AGENT_PORT, deadline: float
+    ) -> AgentClient:
+        """Connect through the VMM's hybrid-vsock socket, retrying until `deadline` (loop time)."""
+        reader, writer = await connect_hybrid_vsock(socket_path, port, deadline=deadline)
+        return cls(Client(reader, writer))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import select
 import socket
@@ -26,14 +25,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim import bundle as bundle_mod
 from shim import pbwire, spec
+from shim.bundle import SocketPathError, can_connect, socket_path, write_address
 
 RUNTIME = "io.containerd.cloudhv.v1"
 VERSION = "0.1.0"
-SOCKET_ROOT = Path("/run/containerd/s")
-SOCKET_PATH_MAX = 106
 READY_TIMEOUT_S = 20.0
-BUNDLE_FILE = "cloudhv-shim.json"  # what `delete` needs when only the bundle is left
 
 
 class UsageError(Exception):
@@ -106,27 +104,6 @@ def parse_args(argv: Sequence[str]) -> Args:
     return Args(action=action, **values)  # type: ignore[arg-type]
 
 
-def socket_path(grpc_address: str, namespace: str, group_id: str) -> Path:
-    """containerd's shim socket convention: sha256 of filepath.Join(address, ns, id)."""
-    joined = os.path.normpath("/".join(p for p in (grpc_address, namespace, group_id) if p))
-    path = SOCKET_ROOT / hashlib.sha256(joined.encode()).hexdigest()
-    if len(str(path)) > SOCKET_PATH_MAX:
-        raise UsageError(f"socket path {path} is longer than {SOCKET_PATH_MAX} bytes")
-    return path
-
-
-def _can_connect(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
 def bind_listener(path: Path) -> socket.socket | None:
     """A listening socket at `path`, or None if a live server already listens there."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -141,19 +118,12 @@ def bind_listener(path: Path) -> socket.socket | None:
             sock.close()
             if err.errno != errno.EADDRINUSE:
                 raise
-            if _can_connect(path):
+            if can_connect(path):
                 return None
             path.unlink(missing_ok=True)  # a dead shim's socket
         finally:
             os.umask(old_umask)
     raise UsageError(f"cannot bind {path}: address in use")
-
-
-def write_address(bundle: Path, address: str) -> None:
-    """The bundle's `address` file, exactly as printed (no newline), written atomically."""
-    tmp = bundle / ".address.tmp"
-    tmp.write_text(address)
-    os.replace(tmp, bundle / "address")
 
 
 def _daemon_argv(args: Args, pod_id: str, path: Path, fds: tuple[int, int, int]) -> list[str]:
@@ -209,7 +179,7 @@ def start(args: Args, stdin: bytes) -> str:
     path = socket_path(args.address, args.namespace, identity.pod_id)
     address = f"unix://{path}"
     config_path = pbwire.config_path_from_stdin(stdin, args.id, args.namespace)
-    _write_bundle_file(bundle, identity.pod_id, config_path)
+    bundle_mod.write_info(bundle, bundle_mod.BundleInfo(identity.pod_id, config_path))
     listener = bind_listener(path)
     if listener is None:  # the pod's daemon is alive: this task joins it
         write_address(bundle, address)
@@ -266,14 +236,6 @@ def _send_config(fd: int, proc: subprocess.Popen[bytes], config_path: str) -> No
             data = data[os.write(fd, data) :]
 
 
-def _write_bundle_file(bundle: Path, pod_id: str, config_path: str) -> None:
-    import json
-
-    tmp = bundle / f".{BUNDLE_FILE}.tmp"
-    tmp.write_text(json.dumps({"pod_id": pod_id, "config_path": config_path}))
-    os.replace(tmp, bundle / BUNDLE_FILE)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -292,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.info:
             from shim.delete import runtime_info
 
-            sys.stdout.buffer.write(runtime_info(sys.stdin.buffer.read()))
+            sys.stdout.buffer.write(runtime_info(sys.stdin.buffer.read(), RUNTIME, VERSION))
             return 0
         if args.action == "start":
             _require(args, "namespace", "address", "id")
@@ -303,9 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _require(args, "namespace", "id")
             from shim.delete import delete
 
-            sys.stdout.buffer.write(delete(args))
+            bundle_dir = Path(args.bundle) if args.bundle else Path.cwd()
+            sys.stdout.buffer.write(delete(args.id, bundle_dir, args.namespace, args.address))
             return 0
-    except (UsageError, OSError, pbwire.WireError) as err:
+    except (UsageError, OSError, pbwire.WireError, SocketPathError) as err:
         print(f"containerd-shim-cloudhv-v1 {args.action}: {err}", file=sys.stderr)
         return 1
     print(f"containerd-shim-cloudhv-v1: unknown action {args.action!r}", file=sys.stderr)

@@ -222,10 +222,9 @@ def changed_copies(previous: MountPlan, current: MountPlan) -> list[FileCopy]:
     sends the result in order. That refreshes ConfigMap/Secret-style
     directories: kubelet's atomic writer adds a new timestamped directory and
     swaps the `..data` symlink, which arrive here as new entries and a changed
-    symlink, the symlink last. A single-file mount is refreshed in the guest
-    file system, but the agent's CopyFile replaces the file by rename, and a
-    bind mount of a file keeps the old inode: the running container sees the new
-    content only after an in-place write (an agent change).
+    symlink, the symlink last. A single-file mount is refreshed in place: the
+    agent's CopyFile rewrites an existing regular file without changing its inode,
+    so the container's bind mount of it sees the new content.
     """
     before = {copy.guest_path: copy for copy in previous.copies}
     changed = []

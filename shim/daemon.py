@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim import config as config_mod
+from shim.cleanup import cleanup
 from shim.events import Publisher
 from shim.pod import Pod
-from shim.state import PodState, ProcRef, StateStore, cleanup
+from shim.state import PodState, ProcRef, StateError, StateStore
 from shim.task import SERVICE, TaskService
 from shim.ttrpc import Server
 from shim.vmm.factory import create_vmm
@@ -186,15 +187,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _stale_state(store: StateStore, args: DaemonArgs) -> PodState | None:
+    """A previous daemon's state for this pod; an unreadable one is set aside, not obeyed."""
+    try:
+        return store.load(args.namespace, args.pod_id)
+    except StateError as err:
+        aside = store.set_aside(args.namespace, args.pod_id)
+        log.error("event=state_corrupt pod=%s error=%r set_aside=%s", args.pod_id, str(err), aside)
+        return None
+
+
 async def serve(args: DaemonArgs, config: config_mod.Config) -> None:
     loop = asyncio.get_running_loop()
     store = StateStore(config.state_dir)
     listener = socket.socket(fileno=args.listen_fd)
     me = ProcRef(os.getpid(), process_start_time(os.getpid()) or 0)
-    stale = store.load(args.pod_id)
+    stale = _stale_state(store, args)
     if stale is not None and (stale.daemon is None or not stale.daemon.alive()):
         # A previous daemon of this pod died and nobody ran `delete` for it.
-        for line in cleanup(stale, store, keep_socket=True):
+        for line in await asyncio.to_thread(cleanup, stale, store, keep_socket=True):
             log.warning("event=stale_pod_cleanup pod=%s %s", args.pod_id, line)
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), args.namespace)
     pod = Pod(
@@ -206,6 +217,7 @@ async def serve(args: DaemonArgs, config: config_mod.Config) -> None:
         vmm_factory=create_vmm,
         state=PodState(pod_id=args.pod_id, namespace=args.namespace, socket=args.socket, daemon=me),
     )
+    await pod.open()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -229,6 +241,6 @@ async def serve(args: DaemonArgs, config: config_mod.Config) -> None:
     finally:
         with contextlib.suppress(Exception):
             await pod.close()
-        store.remove(args.pod_id)
+        await asyncio.to_thread(store.remove, args.namespace, args.pod_id)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.socket)

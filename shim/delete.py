@@ -10,20 +10,16 @@ daemon alone (a pod's other containers still use it).
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from shim import bundle, pbwire, spec
 from shim import config as config_mod
-from shim import rootfs, spec
-from shim._pb.containerd.types import introspection_pb2 as _introspection_pb2
-from shim.cli import BUNDLE_FILE, RUNTIME, VERSION, Args, _can_connect, socket_path
-from shim.state import PodState, StateStore, cleanup
-from shim.task import delete_response
-
-_intro: Any = _introspection_pb2
+from shim.cleanup import cleanup
+from shim.hostmount import MountError, mount_points, unmount
+from shim.state import PodState, StateError, StateStore
 
 
 def _warn(message: str) -> None:
@@ -31,41 +27,45 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _bundle_info(bundle: Path, task_id: str) -> tuple[str, str]:
+def _bundle_info(bundle_dir: Path, task_id: str) -> tuple[str, str]:
     """(pod id, config path) recorded by `start`, else derived from the bundle."""
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        data = json.loads((bundle / BUNDLE_FILE).read_text())
-        return str(data["pod_id"]), str(data.get("config_path", ""))
-    return spec.identify(task_id, spec.bundle_annotations(bundle)).pod_id, ""
+    info = bundle.read_info(bundle_dir)
+    if info is not None:
+        return info.pod_id, info.config_path
+    return spec.identify(task_id, spec.bundle_annotations(bundle_dir)).pod_id, ""
 
 
-def delete(args: Args) -> bytes:
-    bundle = Path(args.bundle) if args.bundle else Path.cwd()
-    pod_id, config_path = _bundle_info(bundle, args.id)
+def delete(task_id: str, bundle_dir: Path, namespace: str, address: str) -> bytes:
+    """Clean up after task `task_id`; returns the DeleteResponse to print."""
+    pod_id, config_path = _bundle_info(bundle_dir, task_id)
     pid = 0
     try:
         config = config_mod.load(config_mod.resolve_path(config_path))
     except config_mod.ConfigError as err:
-        _warn(f"delete {args.id}: {err}; only the bundle is cleaned")
+        _warn(f"delete {task_id}: {err}; only the bundle is cleaned")
         config = None
     if config is not None:
         store = StateStore(config.state_dir)
-        state = store.load(pod_id) or store.find_task(args.id)
+        try:
+            state = store.load(namespace, pod_id) or store.find_task(namespace, task_id)
+        except StateError as err:
+            _warn(f"delete {task_id}: {err}; the pod's state is left for its daemon")
+            state = None
         if state is not None:
             pid = state.vmm.pid if state.vmm else 0
-            _cleanup_pod(state, store, args.id)
-    if args.address:
+            _cleanup_pod(state, store, task_id)
+    if address:
         with contextlib.suppress(Exception):
-            sock = socket_path(args.address, args.namespace, pod_id)
-            if sock.exists() and not _can_connect(sock):
+            sock = bundle.socket_path(address, namespace, pod_id)
+            if sock.exists() and not bundle.can_connect(sock):
                 sock.unlink(missing_ok=True)
-    target = bundle / "rootfs"
-    if str(target) in rootfs.mount_points():
+    target = bundle_dir / "rootfs"
+    if str(target) in mount_points():
         try:
-            rootfs.unmount(target, detach=True)
-        except rootfs.RootfsError as err:
-            _warn(f"delete {args.id}: {err}")
-    return delete_response(pid, 128 + 9, time.time_ns())
+            unmount(target, detach=True)
+        except MountError as err:
+            _warn(f"delete {task_id}: {err}")
+    return pbwire.delete_response(pid, 128 + 9, time.time_ns())
 
 
 def _cleanup_pod(state: PodState, store: StateStore, task_id: str) -> None:
@@ -79,10 +79,13 @@ def _cleanup_pod(state: PodState, store: StateStore, task_id: str) -> None:
         _warn(f"delete {task_id}: pod {state.pod_id}: {line}")
 
 
-def runtime_info(options: bytes) -> bytes:
+def runtime_info(options: bytes, runtime: str, version: str) -> bytes:
     """RuntimeInfo for `-info`: our name and version, the options echoed back."""
-    info = _intro.RuntimeInfo(name=RUNTIME)
-    info.version.version = VERSION
+    from shim._pb.containerd.types import introspection_pb2
+
+    intro: Any = introspection_pb2
+    info = intro.RuntimeInfo(name=runtime)
+    info.version.version = version
     if options:
         info.options.ParseFromString(options)
     return bytes(info.SerializeToString())

@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 from shim._pb.containerd.events import task_pb2 as _task_events_pb2
 from shim._pb.containerd.services.ttrpc.events.v1 import events_pb2 as _events_pb2
 from shim.errors import ShimError
-from shim.rootfs import Mount
 from shim.ttrpc import Client
+from shim.types import Mount
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from shim._pb.containerd.cgroups.v2 import metrics_pb2 as _metrics_pb2
-from shim.agent import ContainerStats
+from shim.types import ContainerStats
 
 _pb: Any = _metrics_pb2
 

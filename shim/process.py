@@ -10,24 +10,11 @@ FailedPrecondition naming both states, never a silent no-op.
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from shim.errors import FailedPrecondition, NotFound
-
-
-class State(enum.Enum):
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-    DELETED = "deleted"
-
-    def __str__(self) -> str:
-        return self.value
-
+from shim.types import Exit, State
 
 Table = Mapping[State, frozenset[State]]
 
@@ -71,20 +58,10 @@ EXEC_OPS: Mapping[str, frozenset[State]] = {
 }
 
 
-@dataclass(frozen=True)
-class Exit:
-    status: int  # runc's convention: the exit code, or 128+signal when killed
-    at_ns: int  # unix time in nanoseconds
-
-
-def signal_status(signal: int) -> int:
-    return 128 + signal
-
-
 class Process:
     """One process' lifecycle: state, pid, exit record and waiters.
 
-    It decides (is this move legal?) and records; the pod does the I/O.
+    It decides (is this move legal?) and records; the container does the I/O.
     """
 
     def __init__(self, container_id: str, exec_id: str = "") -> None:

@@ -2,8 +2,10 @@
 
 One JSON file per pod at `<state_dir>/<pod id>/state.json`, replaced atomically
 (write a temp file, fsync, rename). The rule for writers: record a resource
-*before* creating it, forget it only *after* removing it, so that `cleanup` run
-from this file alone never misses anything.
+*before* creating it, forget it only *after* removing it, so that crash cleanup
+(shim/cleanup.py) run from this file alone never misses anything.
+
+Pure persistence: this module removes nothing itself.
 """
 
 from __future__ import annotations
@@ -12,17 +14,14 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shim import rootfs
-from shim.vmm.procs import is_same_process, is_zombie, kill_recorded
-
-log = logging.getLogger(__name__)
+from shim.vmm.procs import is_same_process, is_zombie
 
 STATE_FILE = "state.json"
 
@@ -44,10 +43,17 @@ class ProcRef:
 
 
 @dataclass(frozen=True)
-class DiskRecord:
-    id: str
-    path: str  # host image file, deleted on cleanup
-    container_id: str
+class ResourceRecord:
+    """Something plugged into the pod, recorded before any part of it exists.
+
+    `host` holds what undoing it on the host needs when nothing else is left
+    (image paths, a TAP's name, a netns path): each kind's own module reads it.
+    """
+
+    kind: str  # "disk", "net", ...
+    id: str  # unique in the pod; the VMM device id where there is one
+    owner: str = ""  # the container it belongs to; "" for the pod's own
+    host: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ class PodState:
     vmm: ProcRef | None = None
     helpers: tuple[ProcRef, ...] = ()
     work_dir: str = ""  # host scratch: disk images, temporary mounts
-    disks: tuple[DiskRecord, ...] = ()
+    resources: tuple[ResourceRecord, ...] = ()
     containers: tuple[str, ...] = ()  # task ids, the sandbox's included
     bundles: dict[str, str] = field(default_factory=dict)  # task id -> bundle path
 
@@ -84,15 +90,24 @@ def from_json(text: str) -> PodState:
             vmm=_proc(raw.get("vmm")),
             helpers=tuple(p for p in map(_proc, raw.get("helpers") or ()) if p is not None),
             work_dir=str(raw.get("work_dir", "")),
-            disks=tuple(
-                DiskRecord(str(d["id"]), str(d["path"]), str(d.get("container_id", "")))
-                for d in raw.get("disks") or ()
-            ),
+            resources=tuple(_resource(r) for r in raw.get("resources") or ()),
             containers=tuple(str(c) for c in raw.get("containers") or ()),
             bundles={str(k): str(v) for k, v in (raw.get("bundles") or {}).items()},
         )
-    except (ValueError, KeyError, TypeError) as err:
-        raise StateError(f"invalid pod state: {err}") from err
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise StateError(f"invalid pod state: {err!r}") from err
+
+
+def _resource(raw: Any) -> ResourceRecord:
+    host = raw.get("host") or {}
+    if not isinstance(host, dict):
+        raise TypeError(f"resource {raw.get('id')!r}: host is not an object")
+    return ResourceRecord(
+        kind=str(raw["kind"]),
+        id=str(raw["id"]),
+        owner=str(raw.get("owner", "")),
+        host={str(k): str(v) for k, v in host.items()},
+    )
 
 
 def _proc(raw: Any) -> ProcRef | None:
@@ -107,32 +122,30 @@ def check_id(pod_id: str) -> str:
     return pod_id
 
 
-_KEY_MAX = 24
+def pod_key(namespace: str, pod_id: str) -> str:
+    """The pod's directory name: a readable prefix of the id and a hash of namespace + id.
 
-
-def pod_key(pod_id: str) -> str:
-    """The pod's directory name: the id itself when short, else a prefix and a hash.
-
-    Unix socket paths (the VM's vsock and QMP sockets live in the pod's dir) are
-    limited to 107 bytes, and CRI pod ids alone are 64.
+    The same pod id in two containerd namespaces is two pods: the key tells them
+    apart. It is short because Unix socket paths (the VM's vsock and QMP sockets
+    live in the pod's dir) are limited to 107 bytes, and CRI pod ids alone are 64.
     """
     check_id(pod_id)
-    if len(pod_id) <= _KEY_MAX and pod_id.isascii():
-        return pod_id
-    return pod_id[:12] + "-" + hashlib.sha256(pod_id.encode()).hexdigest()[:8]
+    prefix = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in pod_id)
+    digest = hashlib.sha256(f"{namespace}\0{pod_id}".encode()).hexdigest()[:12]
+    return f"{prefix[:12]}-{digest}"
 
 
 class StateStore:
-    """The directory holding every pod's state: `<root>/<pod id>/state.json`."""
+    """The directory holding every pod's state: `<root>/<pod key>/state.json`."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def pod_dir(self, pod_id: str) -> Path:
-        return self.root / pod_key(pod_id)
+    def pod_dir(self, namespace: str, pod_id: str) -> Path:
+        return self.root / pod_key(namespace, pod_id)
 
     def save(self, state: PodState) -> None:
-        directory = self.pod_dir(state.pod_id)
+        directory = self.pod_dir(state.namespace, state.pod_id)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         target = directory / STATE_FILE
         tmp = directory / f".{STATE_FILE}.tmp"
@@ -144,28 +157,44 @@ class StateStore:
             os.close(fd)
         os.replace(tmp, target)
 
-    def load(self, pod_id: str) -> PodState | None:
+    def load(self, namespace: str, pod_id: str) -> PodState | None:
+        """The pod's state; None if it has none. StateError if the file is unreadable."""
         try:
-            text = (self.pod_dir(pod_id) / STATE_FILE).read_text()
+            text = (self.pod_dir(namespace, pod_id) / STATE_FILE).read_text()
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError) as err:
+            raise StateError(f"pod {pod_id}: cannot read its state: {err}") from err
         return from_json(text)
 
-    def find_task(self, task_id: str) -> PodState | None:
-        """The pod holding task `task_id` (a pod's own id counts)."""
-        direct = self.load(task_id) if _valid(task_id) else None
-        if direct is not None:
-            return direct
+    def find_task(self, namespace: str, task_id: str) -> PodState | None:
+        """The pod of `namespace` holding task `task_id` (a pod's own id counts)."""
+        if _valid(task_id):
+            with contextlib.suppress(StateError):
+                direct = self.load(namespace, task_id)
+                if direct is not None:
+                    return direct
         with contextlib.suppress(FileNotFoundError):
             for entry in sorted(self.root.iterdir()):
                 with contextlib.suppress(StateError, OSError, ValueError):
                     state = from_json((entry / STATE_FILE).read_text())
-                    if task_id in state.containers:
+                    if state.namespace == namespace and task_id in state.containers:
                         return state
         return None
 
-    def remove(self, pod_id: str) -> None:
-        shutil.rmtree(self.pod_dir(pod_id), ignore_errors=True)
+    def set_aside(self, namespace: str, pod_id: str) -> Path | None:
+        """Rename an unreadable state file out of the way, so that it never blocks the
+        pod id again. Returns the new name."""
+        path = self.pod_dir(namespace, pod_id) / STATE_FILE
+        aside = path.with_name(f"{STATE_FILE}.corrupt-{os.getpid()}")
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:
+            return None
+        return aside
+
+    def remove(self, namespace: str, pod_id: str) -> None:
+        shutil.rmtree(self.pod_dir(namespace, pod_id), ignore_errors=True)
 
 
 def _valid(pod_id: str) -> bool:
@@ -174,31 +203,3 @@ def _valid(pod_id: str) -> bool:
     except StateError:
         return False
     return True
-
-
-def cleanup(state: PodState, store: StateStore, *, keep_socket: bool = False) -> list[str]:
-    """Remove everything `state` records: processes, mounts, images, sockets, dirs.
-
-    Idempotent and safe against pid reuse. Returns what was done, for the log.
-    """
-    done: list[str] = []
-    for ref in (state.vmm, *state.helpers):
-        if ref is not None and kill_recorded(ref.pid, ref.start_time):
-            done.append(f"killed pid {ref.pid}")
-    dirs = [Path(d) for d in (state.work_dir, state.vm_dir) if d]
-    dirs.append(store.pod_dir(state.pod_id))
-    for point in rootfs.unmount_under(dirs):
-        done.append(f"unmounted {point}")
-    for disk in state.disks:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(disk.path)
-            done.append(f"removed {disk.path}")
-    if state.socket and not keep_socket:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(state.socket)
-            done.append(f"removed {state.socket}")
-    for directory in dirs:
-        if directory.exists():
-            shutil.rmtree(directory, ignore_errors=True)
-            done.append(f"removed {directory}")
-    return done

@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from shim.errors import InvalidArgument
+from shim.types import StdioSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +40,6 @@ TTY_SIZE_WAIT_S = 0.25
 
 
 # -- parsing (pure) ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StdioSpec:
-    stdin: str = ""
-    stdout: str = ""
-    stderr: str = ""
-    terminal: bool = False
-
-    @property
-    def null(self) -> bool:
-        return not (self.stdin or self.stdout or self.stderr or self.terminal)
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,9 @@ from shim import metrics
 from shim import spec as spec_mod
 from shim._pb.containerd.task.v2 import shim_pb2 as _shim_pb2
 from shim.errors import InvalidArgument, NotFound, Unimplemented
-from shim.pod import CreateTask, ExecTask, Pod
-from shim.process import Exit, State
-from shim.rootfs import Mount
-from shim.stdio import StdioSpec
+from shim.pod import Pod
 from shim.ttrpc import CallContext, Handler
+from shim.types import CreateTask, ExecTask, Exit, Mount, State, StdioSpec
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +233,6 @@ def _delete_response(pid: int, exit_: Exit) -> bytes:
     resp = _pb.DeleteResponse(pid=pid, exit_status=exit_.status)
     _set_time(resp.exited_at, exit_.at_ns)
     return bytes(resp.SerializeToString())
-
-
-def delete_response(pid: int, exit_status: int, at_ns: int) -> bytes:
-    """A serialized DeleteResponse (the `delete` CLI action prints one)."""
-    return _delete_response(pid, Exit(exit_status, at_ns))
 
 
 def _logged(name: str, fn: Callable[[bytes], Awaitable[bytes]]) -> Handler:

@@ -555,6 +555,22 @@ int h_remove_process(struct call *c, const void *vreq, void *vresp, struct err *
 
 /* ---- RemoveContainer ---- */
 
+/* CopyFile'd mounts of a container that never got as far as CreateContainer
+ * (the shim's create failed between the copies and crun): no container entry
+ * owns them, so a RemoveContainer of the unknown id removes them, and still
+ * answers NOT_FOUND. */
+static void remove_orphan_copies(const char *id)
+{
+	struct err e;
+	char path[256];
+	if (check_id("container id", id, &e) < 0)
+		return;
+	if (snprintf(path, sizeof path, MOUNTS_DIR "/%s", id) >= (int)sizeof path)
+		return;
+	if (rm_rf(path, &e) < 0)
+		alog("%s", e.msg);
+}
+
 static void remove_done(struct job *j, bool ok)
 {
 	struct container *ct = job_container(j);
@@ -576,7 +592,11 @@ int h_remove_container(struct call *c, const void *vreq, void *vresp, struct err
 	(void)vresp;
 	call_ids(c, r->container_id, NULL);
 	int ci = container_get(r->container_id, e);
-	if (ci < 0 || check_idle(ci, e) < 0)
+	if (ci < 0) {
+		remove_orphan_copies(r->container_id);
+		return R_ERR;
+	}
+	if (check_idle(ci, e) < 0)
 		return R_ERR;
 	enum cstate s = container_state(ci);
 	if ((s == CS_RUNNING || s == CS_PAUSED) && !r->force)

@@ -21,6 +21,9 @@ key=$( {
   sha256sum "$CRUN" "${libs[@]}"
 } | sha256sum | cut -c1-16)
 OUT="$CACHE/rootfs-$key"
+mkdir -p "$CACHE"
+exec 9>"$OUT.lock"  # one build per key at a time (see build-kernel.sh)
+flock 9
 if [ -f "$OUT/rootfs.ext4" ]; then
   echo "rootfs: cached $OUT/rootfs.ext4" >&2
   echo "$OUT/rootfs.ext4"
@@ -56,5 +59,7 @@ mv "$WORK/rootfs.ext4" "$OUT/rootfs.ext4"
 cp "$WORK/agent/cloudhv-agent" "$OUT/cloudhv-agent"
 rm -rf "$WORK"
 # Keep the 4 most recent builds; older inputs are unlikely to come back.
-ls -1dt "$CACHE"/rootfs-*/ 2>/dev/null | tail -n +5 | xargs -r rm -rf
+ls -1dt "$CACHE"/rootfs-*/ 2>/dev/null | tail -n +5 | while read -r old; do
+  rm -rf "$old" "${old%/}.lock"
+done
 echo "$OUT/rootfs.ext4"

@@ -1,7 +1,8 @@
 """ttrpc (containerd's RPC protocol) on asyncio: frames, unary client and server.
 
-See shared/reference/protocols.md for the wire format. Streaming is not
-supported: every call is one Request frame and one Response frame.
+The wire format is in shim/ttrpc/frames.py (a 10-byte header: length, stream id,
+type, flags; then the protobuf Request or Response). Streaming is not supported:
+every call is one Request frame and one Response frame.
 """
 
 from shim.errors import Code

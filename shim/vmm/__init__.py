@@ -1,1 +1,1 @@
-"""VMM backends: one `Vmm` interface, Cloud Hypervisor (REST) and QEMU (QMP)."""
+"""VMM backends behind one `Vmm` interface (base.py): QEMU over QMP (qemu.py)."""

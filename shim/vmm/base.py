@@ -1,21 +1,24 @@
 """The interface every VMM backend implements, and the values it exchanges.
 
-The pod owns one `Vmm`. Calls are made in this order: `start` (process up, VM
+The sandbox owns one `Vmm`. Calls are made in this order: `start` (process up, VM
 booted, agent socket path known), any number of `add_disk`/`remove_disk` and
-`add_net`/`remove_net`, then `shutdown`. `wait` returns when the VMM process has
-exited for any reason. Everything a backend creates on the host lives under
-`VmSpec.state_dir` or is a child process, so cleanup from persisted state is
-"kill the recorded pids, remove the directory".
+`add_net`/`remove_net` (always through shim/devices.py, which picks the slot),
+then `shutdown`. `wait` returns when the VMM process has exited for any reason.
+Everything a backend creates on the host lives under `VmSpec.state_dir` or is a
+child process, so cleanup from persisted state is "kill the recorded pids,
+remove the directory".
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from shim.errors import Unavailable
 
-class VmmError(Exception):
+
+class VmmError(Unavailable):
     """The VMM refused or failed an operation; the message names both."""
 
 
@@ -51,8 +54,6 @@ class VmSpec:
     max_vcpus: int
     memory_mib: int
     netns: Path | None = None  # run the VMM inside this network namespace
-    disks: tuple[DiskSpec, ...] = ()
-    nets: tuple[NetSpec, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)
@@ -88,17 +89,22 @@ class Vmm(abc.ABC):
         """
         del deadline
 
+    @property
     @abc.abstractmethod
-    async def add_disk(self, disk: DiskSpec) -> None:
-        """Hot-plug a virtio-blk disk; returns once the VMM has accepted it."""
+    def hotplug_slots(self) -> int:
+        """How many devices can be hot-plugged at once (slot numbers are 0..n-1)."""
+
+    @abc.abstractmethod
+    async def add_disk(self, disk: DiskSpec, slot: int) -> None:
+        """Hot-plug a virtio-blk disk into `slot`; returns once the VMM has accepted it."""
 
     @abc.abstractmethod
     async def remove_disk(self, disk_id: str) -> None:
-        """Hot-unplug a disk added with `add_disk`."""
+        """Hot-unplug a disk added with `add_disk`; returns once the guest let go of it."""
 
     @abc.abstractmethod
-    async def add_net(self, net: NetSpec) -> None:
-        """Hot-plug a virtio-net device backed by a TAP."""
+    async def add_net(self, net: NetSpec, slot: int) -> None:
+        """Hot-plug a virtio-net device backed by a TAP into `slot`."""
 
     @abc.abstractmethod
     async def remove_net(self, net_id: str) -> None:

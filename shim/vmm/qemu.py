@@ -2,6 +2,10 @@
 and vsock through one vhost-device-vsock per VM, which exposes the same hybrid-vsock
 Unix socket as Cloud Hypervisor (`CONNECT <port>\\n` → `OK <n>\\n`).
 
+QMP is spoken by the QEMU project's own client library (`qemu.qmp`), which also
+delivers events as they arrive. Slot numbers come from shim/devices.py: slot n is
+root port `rp<n>`.
+
 Host files live in `VmSpec.state_dir`; host processes are QEMU and the vsock
 backend, both recorded in `VmProcesses` for crash cleanup.
 """
@@ -17,16 +21,21 @@ import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from shim.vmm.base import DiskSpec, NetSpec, Vmm, VmmError, VmProcesses, VmSpec
 from shim.vmm.procs import process_start_time
-from shim.vmm.qmp import QmpClient
 
 log = logging.getLogger(__name__)
+# qemu.qmp logs every message it sends and receives at DEBUG: far too much for a
+# pod's log FIFO.
+logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 
 GUEST_CID = 3  # each VM has its own vsock backend, so every guest can use the same CID
-VIRTIO_BLK_SERIAL_MAX = 20  # VIRTIO_BLK_ID_BYTES
 AGENT_READY_MARK = b"agent: ready: ttrpc on vsock"  # printed by agent/src/main.c
+UNPLUG_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,7 @@ class QemuVmm(Vmm):
         self._dir = spec.state_dir
         self._qemu: asyncio.subprocess.Process | None = None
         self._vsock: asyncio.subprocess.Process | None = None
-        self._qmp: QmpClient | None = None
-        self._slots: dict[str, int] = {}  # device id -> root port index
+        self._qmp: QMPClient | None = None
         self._exit_status: int | None = None
         self._reaper: asyncio.Task[int] | None = None
 
@@ -71,6 +79,10 @@ class QemuVmm(Vmm):
         if self._qemu is None:
             raise VmmError("VM not started")
         return self._qemu.pid
+
+    @property
+    def hotplug_slots(self) -> int:
+        return self._options.hotplug_slots
 
     # -- lifecycle ---------------------------------------------------------
     def command(self) -> list[str]:
@@ -117,25 +129,41 @@ class QemuVmm(Vmm):
                 ],
                 self._dir / "vsock.log",
             )
-            await self._wait_for_path(self._vhost_socket, self._vsock, deadline)
+            await self._wait_for_path(
+                self._vhost_socket, self._vsock, "vhost-device-vsock", deadline
+            )
             argv = self.command()
             if self._spec.netns is not None:
                 argv = ["nsenter", f"--net={self._spec.netns}", "--", *argv]
             log.info("event=vmm_launch vmm=qemu dir=%s", self._dir)
             self._qemu = await _spawn(argv, self._dir / "qemu.log")
             self._reaper = asyncio.create_task(self._reap())
-            self._qmp = await QmpClient.connect(self._qmp_socket, deadline=deadline)
-            for disk in self._spec.disks:
-                await self.add_disk(disk)
-            for net in self._spec.nets:
-                await self.add_net(net)
+            self._qmp = await self._connect_qmp(deadline)
         except BaseException as error:
             detail = self._log_tail()
             await self.shutdown(timeout=1.0)
-            if isinstance(error, VmmError | OSError | TimeoutError):
+            if isinstance(error, VmmError | OSError | TimeoutError | QMPError):
                 raise VmmError(f"start QEMU: {error}{detail}") from error
             raise
         return self.processes()
+
+    async def _connect_qmp(self, deadline: float) -> QMPClient:
+        """Connect once QEMU listens (it creates the socket while starting up)."""
+        assert self._qemu is not None
+        loop = asyncio.get_running_loop()
+        await self._wait_for_path(self._qmp_socket, self._qemu, "QEMU", deadline)
+        while True:
+            client = QMPClient(f"cloudhv-{self._dir.name}")
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await client.connect(str(self._qmp_socket))
+                return client
+            except QMPError as error:
+                if self._qemu is not None and self._qemu.returncode is not None:
+                    raise VmmError(f"QEMU exited with {self._qemu.returncode}") from error
+                if loop.time() >= deadline:
+                    raise VmmError(f"connect QMP socket {self._qmp_socket}: {error}") from error
+                await asyncio.sleep(0.01)
 
     def processes(self) -> VmProcesses:
         helpers: list[tuple[int, int]] = []
@@ -154,10 +182,12 @@ class QemuVmm(Vmm):
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Quit QEMU (SIGKILL after `timeout`), stop the vsock backend, remove host files."""
         if self._qmp is not None:
-            with contextlib.suppress(VmmError, OSError, ConnectionError, TimeoutError):
+            with contextlib.suppress(QMPError, OSError, TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._qmp.execute("quit")
-            await self._qmp.close()
+            # Disconnecting re-raises what ended the connection (EOF when QEMU quit).
+            with contextlib.suppress(Exception):
+                await self._qmp.disconnect()
             self._qmp = None
         for proc in (self._qemu, self._vsock):
             if proc is None or proc.returncode is not None:
@@ -172,7 +202,7 @@ class QemuVmm(Vmm):
         if self._reaper is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        shutil.rmtree(self._dir, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, self._dir, ignore_errors=True)
 
     async def _reap(self) -> int:
         """Owns QEMU's exit: records the status and takes the vsock backend down with it."""
@@ -225,93 +255,87 @@ class QemuVmm(Vmm):
             await asyncio.sleep(0.01)
 
     # -- devices -----------------------------------------------------------
-    async def add_disk(self, disk: DiskSpec) -> None:
-        if len(disk.serial) > VIRTIO_BLK_SERIAL_MAX:
-            raise VmmError(
-                f"disk {disk.id}: serial {disk.serial!r} is longer than "
-                f"{VIRTIO_BLK_SERIAL_MAX} bytes"
-            )
-        slot = self._claim_slot(disk.id)
-        qmp = self._require_qmp()
+    async def add_disk(self, disk: DiskSpec, slot: int) -> None:
         node = f"blk-{disk.id}"
+        await self._execute("blockdev-add", {
+            "driver": "raw",
+            "node-name": node,
+            "read-only": disk.read_only,
+            "file": {"driver": "host_device" if _is_block(disk.path) else "file",
+                     "filename": str(disk.path)},
+        })
         try:
-            await qmp.execute("blockdev-add", {
-                "driver": "raw",
-                "node-name": node,
-                "read-only": disk.read_only,
-                "file": {"driver": "host_device" if _is_block(disk.path) else "file",
-                         "filename": str(disk.path)},
+            await self._execute("device_add", {
+                "driver": "virtio-blk-pci", "id": disk.id, "drive": node,
+                "bus": f"rp{slot}", "serial": disk.serial,
             })
-            try:
-                await qmp.execute("device_add", {
-                    "driver": "virtio-blk-pci", "id": disk.id, "drive": node,
-                    "bus": f"rp{slot}", "serial": disk.serial,
-                })
-            except VmmError:
-                await qmp.execute("blockdev-del", {"node-name": node})
-                raise
         except BaseException:
-            self._slots.pop(disk.id, None)
+            with contextlib.suppress(VmmError):
+                await self._execute("blockdev-del", {"node-name": node})
             raise
 
     async def remove_disk(self, disk_id: str) -> None:
         await self._unplug(disk_id)
-        await self._require_qmp().execute("blockdev-del", {"node-name": f"blk-{disk_id}"})
+        await self._execute("blockdev-del", {"node-name": f"blk-{disk_id}"})
 
-    async def add_net(self, net: NetSpec) -> None:
-        slot = self._claim_slot(net.id)
-        qmp = self._require_qmp()
+    async def add_net(self, net: NetSpec, slot: int) -> None:
+        await self._execute("netdev_add", {
+            "type": "tap", "id": f"net-{net.id}", "ifname": net.tap,
+            "script": "no", "downscript": "no",
+        })
         try:
-            await qmp.execute("netdev_add", {
-                "type": "tap", "id": f"net-{net.id}", "ifname": net.tap,
-                "script": "no", "downscript": "no",
-            })
-            await qmp.execute("device_add", {
+            await self._execute("device_add", {
                 "driver": "virtio-net-pci", "id": net.id, "netdev": f"net-{net.id}",
                 "mac": net.mac, "bus": f"rp{slot}", "host_mtu": net.mtu,
             })
         except BaseException:
-            self._slots.pop(net.id, None)
+            with contextlib.suppress(VmmError):
+                await self._execute("netdev_del", {"id": f"net-{net.id}"})
             raise
 
     async def remove_net(self, net_id: str) -> None:
         await self._unplug(net_id)
-        await self._require_qmp().execute("netdev_del", {"id": f"net-{net_id}"})
+        await self._execute("netdev_del", {"id": f"net-{net_id}"})
 
-    async def _unplug(self, device_id: str, timeout: float = 10.0) -> None:
-        if device_id not in self._slots:
-            raise VmmError(f"device {device_id} is not attached")
+    async def _unplug(self, device_id: str) -> None:
         qmp = self._require_qmp()
-        await qmp.execute("device_del", {"id": device_id})
-        # The guest acknowledges the eject through ACPI; only then is the slot free.
-        await qmp.wait_event("DEVICE_DELETED", {"device": device_id}, timeout)
-        del self._slots[device_id]
+        # The guest acknowledges the eject through ACPI; only then is the device gone.
+        with qmp.listener("DEVICE_DELETED") as listener:
+            await self._execute("device_del", {"id": device_id})
+            try:
+                async with asyncio.timeout(UNPLUG_TIMEOUT_S):
+                    async for event in listener:
+                        data = event.get("data")
+                        if isinstance(data, dict) and data.get("device") == device_id:
+                            return
+            except TimeoutError:
+                raise VmmError(
+                    f"device_del {device_id}: the guest did not release it "
+                    f"within {UNPLUG_TIMEOUT_S:.0f}s"
+                ) from None
 
-    def _claim_slot(self, device_id: str) -> int:
-        if device_id in self._slots:
-            raise VmmError(f"device {device_id} is already attached")
-        used = set(self._slots.values())
-        for index in range(self._options.hotplug_slots):
-            if index not in used:
-                self._slots[device_id] = index
-                return index
-        raise VmmError(
-            f"no free hotplug slot for {device_id}: all {self._options.hotplug_slots} "
-            "are in use (qemu.hotplug_slots)"
-        )
+    async def _execute(self, command: str, arguments: dict[str, Any]) -> object:
+        """One QMP command; a refusal becomes VmmError naming the command and QEMU's reason."""
+        qmp = self._require_qmp()
+        try:
+            return await qmp.execute(command, arguments)
+        except ExecuteError as err:
+            raise VmmError(f"QMP {command}: {err.error_class}: {err}") from err
+        except QMPError as err:
+            raise VmmError(f"QMP {command}: {err}") from err
 
-    def _require_qmp(self) -> QmpClient:
+    def _require_qmp(self) -> QMPClient:
         if self._qmp is None:
             raise VmmError("VM not running")
         return self._qmp
 
     async def _wait_for_path(
-        self, path: Path, proc: asyncio.subprocess.Process, deadline: float
+        self, path: Path, proc: asyncio.subprocess.Process, name: str, deadline: float
     ) -> None:
         loop = asyncio.get_running_loop()
         while not path.exists():
             if proc.returncode is not None:
-                raise VmmError(f"{self._options.vsock_backend} exited with {proc.returncode}")
+                raise VmmError(f"{name} exited with {proc.returncode} during start")
             if loop.time() >= deadline:
                 raise VmmError(f"{path} did not appear")
             await asyncio.sleep(0.005)

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from shim.agent import AgentClient
+from shim.devices import DeviceManager
 from shim.errors import FailedPrecondition, NotFound
+from shim.vmm.base import DiskSpec
 from tests.integration.busybox_tree import make_busybox_tree, make_ext4
 from tests.integration.oci_spec import default_spec, process_spec
 from tests.integration.vm_fixtures import booted_vm
@@ -26,11 +28,11 @@ async def read_all(agent: AgentClient, cid: str, exec_id: str, stream: str) -> b
             return b"".join(chunks)
 
 
-async def mount_busybox(vm, agent: AgentClient, tmp_path: Path, disk_id: str) -> str:  # type: ignore[no-untyped-def]
-    from shim.vmm.base import DiskSpec
-
+async def mount_busybox(
+    devices: DeviceManager, agent: AgentClient, tmp_path: Path, disk_id: str
+) -> str:
     image = make_ext4(make_busybox_tree(tmp_path / f"{disk_id}-tree"), tmp_path / f"{disk_id}.img")
-    await vm.add_disk(DiskSpec(id=disk_id, path=image, serial=disk_id))
+    await devices.add_disk(DiskSpec(id=disk_id, path=image, serial=disk_id))
     target = f"/run/cloudhv/disks/{disk_id}"
     await agent.mount_disk(disk_id, target, fstype="ext4", wait=10)
     return target
@@ -38,12 +40,13 @@ async def mount_busybox(vm, agent: AgentClient, tmp_path: Path, disk_id: str) ->
 
 async def test_guest_boots_and_runs_containers(tmp_path: Path) -> None:
     async with booted_vm(tmp_path / "vm") as (vm, agent):
+        devices = DeviceManager(vm, vm.hotplug_slots)
         assert await agent.health()
         info = await agent.guest_info()
         assert info.kernel_release.startswith("6.1.")
         assert info.kernel_release != platform.release()
 
-        rootfs = await mount_busybox(vm, agent, tmp_path, "bb1")
+        rootfs = await mount_busybox(devices, agent, tmp_path, "bb1")
 
         # A container with separate stdout/stderr and an exit status.
         spec = default_spec(["sh", "-c", "echo out; echo err >&2; exit 3"])
@@ -86,7 +89,7 @@ async def test_guest_boots_and_runs_containers(tmp_path: Path) -> None:
         assert (await agent.wait_process("c2", "", timeout=30)).exit_status == 128 + 9
         await agent.remove_container("c2")
         await agent.unmount_disk(rootfs)
-        await vm.remove_disk("bb1")
+        await devices.remove("bb1")
 
         # Shutdown powers the VM off: QEMU exits by itself.
         pid = vm.pid
@@ -117,7 +120,8 @@ async def test_cri_exec_mounts_and_memory(tmp_path: Path) -> None:
     """Issue 4 in the agent: exec removal, CRI mount copies refreshed in place and
     removed with their container, and the memory cgroup as the container sees it."""
     async with booted_vm(tmp_path / "vm") as (vm, agent):
-        rootfs = await mount_busybox(vm, agent, tmp_path, "bb1")
+        devices = DeviceManager(vm, vm.hotplug_slots)
+        rootfs = await mount_busybox(devices, agent, tmp_path, "bb1")
         mounts = "/run/cloudhv/mounts"
 
         # An observer container that sees every container's mount copies.
@@ -184,4 +188,4 @@ async def test_cri_exec_mounts_and_memory(tmp_path: Path) -> None:
 
         await agent.remove_container("watch", force=True)
         await agent.unmount_disk(rootfs)
-        await vm.remove_disk("bb1")
+        await devices.remove("bb1")

@@ -8,6 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests run beside VMs on a 2-core machine: a per-example deadline would
+# fail them for the machine's load, not for the code.
+settings.register_profile("cloudhv", deadline=None)
+settings.load_profile("cloudhv")
 
 
 @pytest.fixture

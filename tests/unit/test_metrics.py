@@ -12,8 +12,8 @@ from typing import Any
 
 from shim import pbwire
 from shim._pb.containerd.cgroups.v2 import metrics_pb2
-from shim.agent import ContainerStats
 from shim.metrics import TYPE_URL, UNLIMITED, cgroup_v2_metrics
+from shim.types import ContainerStats
 
 _pb: Any = metrics_pb2
 

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from shim.errors import FailedPrecondition, NotFound
-from shim.process import INIT_TRANSITIONS, Process, State, signal_status
+from shim.process import INIT_TRANSITIONS, Process
+from shim.types import State, signal_status
 
 
 def test_init_happy_path() -> None:

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from shim import rootfs
-from shim.rootfs import Mount, RootfsError
+from shim import hostmount
+from shim.rootfs import image as rootfs
+from shim.rootfs.image import RootfsError
+from shim.types import Mount
 
 
 def overlay(lower: str, upper: str = "/u", work: str = "/w") -> Mount:
@@ -53,7 +55,7 @@ def test_image_size() -> None:
 
 
 def test_mountinfo_unescape() -> None:
-    assert rootfs._unescape(r"/a\040b\134c") == "/a b\\c"
+    assert hostmount._unescape(r"/a\040b\134c") == "/a b\\c"
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting overlayfs needs root")
@@ -89,7 +91,7 @@ async def test_build_image_honours_whiteouts(tmp_path: Path) -> None:
     assert image.stat().st_size == size
     assert image.stat().st_blocks * 512 < size  # sparse
     assert not scratch.exists()
-    assert str(scratch) not in rootfs.mount_points()
+    assert str(scratch) not in hostmount.mount_points()
     etc = _debugfs(image, "ls -l /etc")
     assert "kept" in etc and "gone" not in etc
     assert "changed" in _debugfs(image, "cat /etc/kept")

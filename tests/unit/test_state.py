@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from shim.cleanup import cleanup
 from shim.state import (
-    DiskRecord,
     PodState,
     ProcRef,
+    ResourceRecord,
     StateError,
     StateStore,
-    cleanup,
     from_json,
     pod_key,
     to_json,
@@ -33,7 +33,7 @@ def test_round_trip() -> None:
         vmm=ProcRef(3, 4),
         helpers=(ProcRef(5, 6),),
         work_dir="/w",
-        disks=(DiskRecord("c1", "/w/c1.ext4", "ctr"),),
+        resources=(ResourceRecord("disk", "c1", "ctr", {"image": "/w/c1.ext4"}),),
         containers=("ctr",),
         bundles={"ctr": "/b"},
     )
@@ -47,16 +47,45 @@ def test_bad_json() -> None:
 
 def test_store(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
-    assert store.load("p1") is None
-    store.save(PodState(pod_id="p1", containers=("a", "b")))
-    assert store.load("p1") == PodState(pod_id="p1", containers=("a", "b"))
-    assert [p.name for p in (tmp_path / "p1").iterdir()] == ["state.json"]
-    assert store.find_task("b") == store.load("p1")
-    assert store.find_task("zz") is None
+    assert store.load("default", "p1") is None
+    store.save(PodState(pod_id="p1", namespace="default", containers=("a", "b")))
+    assert store.load("default", "p1") == PodState(
+        pod_id="p1", namespace="default", containers=("a", "b")
+    )
+    assert [p.name for p in store.pod_dir("default", "p1").iterdir()] == ["state.json"]
+    assert store.find_task("default", "b") == store.load("default", "p1")
+    assert store.find_task("default", "zz") is None
+    assert store.find_task("other", "b") is None
     with pytest.raises(StateError):
-        store.pod_dir("../x")
-    store.remove("p1")
-    assert not (tmp_path / "p1").exists()
+        store.pod_dir("default", "../x")
+    store.remove("default", "p1")
+    assert not store.pod_dir("default", "p1").exists()
+
+
+def test_same_pod_id_in_two_namespaces_is_two_pods(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    a = PodState(pod_id="web", namespace="team-a", containers=("web", "a1"))
+    b = PodState(pod_id="web", namespace="team-b", containers=("web", "b1"))
+    store.save(a)
+    store.save(b)
+    assert store.pod_dir("team-a", "web") != store.pod_dir("team-b", "web")
+    assert store.load("team-a", "web") == a and store.load("team-b", "web") == b
+    assert store.find_task("team-b", "b1") == b and store.find_task("team-a", "b1") is None
+    done = cleanup(a, store)
+    assert any("removed" in line for line in done)
+    assert store.load("team-a", "web") is None and store.load("team-b", "web") == b
+
+
+def test_corrupt_state_is_named_and_can_be_set_aside(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.pod_dir("ns", "p1").mkdir(parents=True)
+    for garbage in (b"[1, 2]", b"\xff\xfe", b'{"pod_id": "p1", "resources": [7]}', b"{"):
+        (store.pod_dir("ns", "p1") / "state.json").write_bytes(garbage)
+        with pytest.raises(StateError):
+            store.load("ns", "p1")
+    aside = store.set_aside("ns", "p1")
+    assert aside is not None and aside.exists()
+    assert store.load("ns", "p1") is None  # the pod id is usable again
 
 
 def test_cleanup_kills_recorded_processes_and_removes_files(tmp_path: Path) -> None:
@@ -74,19 +103,20 @@ def test_cleanup_kills_recorded_processes_and_removes_files(tmp_path: Path) -> N
         assert start is not None
         st = PodState(
             pod_id="p1",
+            namespace="default",
             socket=str(sock_path),
             vmm=ProcRef(child.pid, start),
             helpers=(ProcRef(child.pid, start + 1),),  # a recycled pid: must be left alone
             work_dir=str(work),
-            vm_dir=str(tmp_path / "state" / "p1" / "vm"),
-            disks=(DiskRecord("c", str(image), "ctr"),),
+            vm_dir=str(store.pod_dir("default", "p1") / "vm"),
+            resources=(ResourceRecord("disk", "c", "ctr", {"image": str(image)}),),
         )
         store.save(st)
         done = cleanup(st, store)
         assert child.wait(timeout=5) is not None
         assert any("killed" in d for d in done)
         assert not image.exists() and not work.exists() and not sock_path.exists()
-        assert not (tmp_path / "state" / "p1").exists()
+        assert not store.pod_dir("default", "p1").exists()
         assert cleanup(st, store) == []  # idempotent
     finally:
         listener.close()
@@ -97,10 +127,13 @@ def test_cleanup_kills_recorded_processes_and_removes_files(tmp_path: Path) -> N
 
 
 def test_pod_key_keeps_socket_paths_short() -> None:
-    assert pod_key("run1") == "run1"
+    key = pod_key("default", "run1")
+    assert key.startswith("run1-") and key == pod_key("default", "run1")
+    assert pod_key("k8s.io", "run1") != key
     long_id = "b0a9dd841450685fc450ab32358cdbb0764582038deb68a97cedc3dbad8de43f"
-    key = pod_key(long_id)
-    assert key.startswith("b0a9dd841450-") and len(key) == 21
-    assert pod_key(long_id) == key and pod_key(long_id[:-1] + "0") != key
+    key = pod_key("k8s.io", long_id)
+    assert key.startswith("b0a9dd841450-") and len(key) == 25
+    assert pod_key("k8s.io", long_id[:-1] + "0") != key
     sock = Path("/run/cloudhv-test-state-dir-0123456789") / key / "vm" / "vhost-vsock.sock_1024"
     assert len(str(sock)) < 107
+    assert "/" not in pod_key("ns", "a b\u00e9c")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from shim.errors import InvalidArgument
-from shim.stdio import TTY_SIZE_WAIT_S, Guest, OutputPlan, ProcessIO, StdioSpec, plan_output
+from shim.stdio import TTY_SIZE_WAIT_S, Guest, OutputPlan, ProcessIO, plan_output
+from shim.types import StdioSpec
 
 
 def test_plan_null() -> None:

@@ -1,11 +1,11 @@
-"""Root filesystems: from containerd's mounts to an ext4 disk image the guest mounts.
+"""A container's root filesystem as an ext4 image: from containerd's mounts to a disk file.
 
 CreateTaskRequest.rootfs is (for the overlayfs snapshotter) one overlay mount:
 lowerdir=L1:L2:…,upperdir=U,workdir=W. For a fresh container, U holds nothing
 the image does not, so the merged tree is a read-only overlay with U as the top
 lower layer. The kernel's overlay applies whiteouts and opaque dirs; mkfs.ext4
 `-d` copies the merged view into a sparse image with headroom for the
-container's writes. (The shared, cached image disk is a later issue.)
+container's writes.
 
 Every host resource made here is removed here on failure: the overlay mount is
 always unmounted, a half-written image is deleted.
@@ -15,33 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-MS_RDONLY = 1
-MNT_DETACH = 2
+from shim.errors import InvalidArgument
+from shim.hostmount import MS_RDONLY, MountError, mount, unmount
+from shim.types import Mount
+
 _MIB = 1 << 20
 _BLOCK = 4096
 # Per-inode cost in the image beyond its data: inode table entry and directory entry.
 _INODE_OVERHEAD = 512
 
 
-class RootfsError(Exception):
+class RootfsError(InvalidArgument):
     """The rootfs could not be prepared; the message names the operation and the object."""
-
-
-@dataclass(frozen=True)
-class Mount:
-    """containerd.types.Mount as plain data."""
-
-    type: str
-    source: str
-    target: str = ""
-    options: tuple[str, ...] = ()
 
 
 def source_dirs(mounts: Sequence[Mount]) -> list[str]:
@@ -105,72 +94,6 @@ def tree_usage(root: Path) -> tuple[int, int]:
     return data, inodes + 1
 
 
-# -- mounts ------------------------------------------------------------------------------
-
-_libc: ctypes.CDLL | None = None
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        # The C library this interpreter is linked with: no ctypes.util.find_library,
-        # which runs `ldconfig -p` and imports tempfile into every daemon.
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
-
-def mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None:
-    rc = _lib().mount(source.encode(), str(target).encode(), fstype.encode(), flags, data.encode())
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise RootfsError(f"mount {fstype} {source} on {target}: {os.strerror(err)}")
-
-
-def unmount(target: Path, *, detach: bool = False) -> None:
-    """Unmount `target`; not mounted is fine."""
-    rc = _lib().umount2(str(target).encode(), MNT_DETACH if detach else 0)
-    if rc != 0:
-        err = ctypes.get_errno()
-        if err in (errno.EINVAL, errno.ENOENT):
-            return
-        raise RootfsError(f"unmount {target}: {os.strerror(err)}")
-
-
-def mount_points() -> list[str]:
-    """Mount points in this mount namespace, innermost last."""
-    points = []
-    with open("/proc/self/mountinfo") as info:
-        for line in info:
-            fields = line.split(" ", 5)
-            if len(fields) > 4:
-                points.append(_unescape(fields[4]))
-    return points
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def unmount_under(prefixes: Iterable[Path]) -> list[str]:
-    """Detach every mount at or below any of `prefixes`, deepest first. Returns them."""
-    roots = [str(p).rstrip("/") for p in prefixes]
-    found = [
-        m for m in mount_points() if any(m == r or m.startswith(r + "/") for r in roots)
-    ]
-    for point in sorted(set(found), key=len, reverse=True):
-        unmount(Path(point), detach=True)
-    return found
-
-
 # -- building the image ------------------------------------------------------------------
 
 
@@ -195,7 +118,10 @@ async def build_image(
         else:
             scratch.mkdir(parents=True, exist_ok=True)
             # Read-only overlay, no upper: nothing is written to the snapshot dirs.
-            mount("overlay", scratch, "overlay", MS_RDONLY, "lowerdir=" + ":".join(dirs))
+            try:
+                mount("overlay", scratch, "overlay", MS_RDONLY, "lowerdir=" + ":".join(dirs))
+            except MountError as err:
+                raise RootfsError(str(err)) from err
             mounted = True
             tree = scratch
         data, inodes = await asyncio.to_thread(tree_usage, tree)

@@ -1,0 +1,58 @@
+"""Crash cleanup: remove everything a pod's persisted state records, from the file alone.
+
+Run by `delete` (containerd calls it after a shim died, and after every normal
+exit) and by a new daemon that finds a dead one's state. Nothing here needs the
+VM or the agent: the recorded processes are killed (checked against pid reuse),
+then each recorded resource is undone on the host by its own module, newest
+first, then the pod's directories and socket go. Idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from shim.hostmount import unmount_under
+from shim.rootfs import disk
+from shim.state import PodState, ResourceRecord, StateStore
+from shim.vmm.procs import kill_recorded
+
+HostUndo = Callable[[ResourceRecord], list[str]]
+
+# Each resource kind's host-side undo, from its record alone.
+HOST_UNDO: dict[str, HostUndo] = {
+    disk.KIND: disk.undo_host,
+}
+
+
+def cleanup(state: PodState, store: StateStore, *, keep_socket: bool = False) -> list[str]:
+    """Remove everything `state` records: processes, resources, mounts, sockets, dirs.
+
+    Blocking (it waits for killed processes): call it off the event loop.
+    Returns what was done, for the log.
+    """
+    done: list[str] = []
+    for ref in (state.vmm, *state.helpers):
+        if ref is not None and kill_recorded(ref.pid, ref.start_time):
+            done.append(f"killed pid {ref.pid}")
+    for record in reversed(state.resources):
+        undo = HOST_UNDO.get(record.kind)
+        if undo is None:
+            done.append(f"resource {record.id}: unknown kind {record.kind!r}, left alone")
+            continue
+        done += undo(record)
+    dirs = [Path(d) for d in (state.work_dir, state.vm_dir) if d]
+    dirs.append(store.pod_dir(state.namespace, state.pod_id))
+    done += [f"unmounted {point}" for point in unmount_under(dirs)]
+    if state.socket and not keep_socket:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state.socket)
+            done.append(f"removed {state.socket}")
+    for directory in dirs:
+        if directory.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            done.append(f"removed {directory}")
+    return done

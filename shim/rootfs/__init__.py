@@ -1,0 +1,1 @@
+"""A container's root filesystem: from containerd's rootfs mounts to a disk in the guest."""

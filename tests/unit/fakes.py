@@ -1,0 +1,216 @@
+"""In-process stand-ins for the VMM and the guest agent, for orchestration unit tests.
+
+They keep just enough state to check what the sandbox and containers leave
+behind (plugged devices, guest mounts, copied files, containers), and fail on
+request at any method, so every step of a create or a boot can be broken once.
+The real things are exercised by tests/integration on real QEMU VMs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shim.agent import ExitStatus, GuestInfo, Output
+from shim.errors import Internal, NotFound, ShimError, Unavailable
+from shim.state import PodState, StateStore
+from shim.vmm.base import DiskSpec, NetSpec, Vmm, VmmError, VmProcesses, VmSpec
+
+
+@dataclass
+class Failures:
+    """Method name -> the error it raises the next time it is called."""
+
+    pending: dict[str, BaseException] = field(default_factory=dict)
+
+    def check(self, method: str) -> None:
+        error = self.pending.pop(method, None)
+        if error is not None:
+            raise error
+
+
+class FakeVmm(Vmm):
+    def __init__(self, spec: VmSpec, failures: Failures) -> None:
+        self.spec = spec
+        self._failures = failures
+        self.started = False
+        self.stopped = False
+        self.disks: dict[str, DiskSpec] = {}
+        self.slots: dict[str, int] = {}
+        self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.spec.state_dir / "vsock.sock"
+
+    @property
+    def pid(self) -> int:
+        return 4242
+
+    @property
+    def hotplug_slots(self) -> int:
+        return 2
+
+    async def start(self) -> VmProcesses:
+        self._failures.check("start")
+        self.started = True
+        return VmProcesses(vmm_pid=self.pid, vmm_start_time=1)
+
+    async def wait_vsock_ready(self, deadline: float) -> None:
+        self._failures.check("wait_vsock_ready")
+
+    async def add_disk(self, disk: DiskSpec, slot: int) -> None:
+        self._failures.check("add_disk")
+        assert disk.id not in self.disks
+        self.disks[disk.id] = disk
+        self.slots[disk.id] = slot
+
+    async def remove_disk(self, disk_id: str) -> None:
+        self._failures.check("remove_disk")
+        if disk_id not in self.disks:
+            raise VmmError(f"device {disk_id} is not attached")
+        del self.disks[disk_id]
+        del self.slots[disk_id]
+
+    async def add_net(self, net: NetSpec, slot: int) -> None:
+        raise VmmError("no NICs in the fake")
+
+    async def remove_net(self, net_id: str) -> None:
+        raise VmmError("no NICs in the fake")
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        self.stopped = True
+        if not self._exit.done():
+            self._exit.set_result(0)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)
+
+    def crash(self, status: int = 137) -> None:
+        if not self._exit.done():
+            self._exit.set_result(status)
+
+
+class FakeAgent:
+    """The agent calls the shim makes, against an in-memory guest."""
+
+    def __init__(self, failures: Failures) -> None:
+        self._failures = failures
+        self.closed = False
+        self.mounts: dict[str, str] = {}  # target -> serial
+        self.files: dict[str, bytes] = {}  # guest path -> data
+        self.containers: set[str] = set()
+        self.started: set[str] = set()
+        self.exits: dict[tuple[str, str], asyncio.Future[ExitStatus]] = {}
+        self.hostname = ""
+
+    def _call(self, method: str) -> None:
+        if self.closed:
+            raise Unavailable("agent connection closed")
+        self._failures.check(method)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def guest_info(self, *, timeout: float | None = None) -> GuestInfo:
+        self._call("guest_info")
+        return GuestInfo("fake", "6.1.0-fake", "boot-id", 1, 262144, 10)
+
+    async def set_time(self, unix_ns: int | None = None, *, timeout: float | None = None) -> None:
+        self._call("set_time")
+
+    async def setup_pod(self, hostname: str, **_: Any) -> None:
+        self._call("setup_pod")
+        self.hostname = hostname
+
+    async def mount_disk(self, serial: str, target: str, **_: Any) -> str:
+        self._call("mount_disk")
+        self.mounts[target] = serial
+        return "/dev/vdb"
+
+    async def unmount_disk(self, target: str, **_: Any) -> None:
+        self._call("unmount_disk")
+        self.mounts.pop(target, None)
+
+    async def copy_file(self, path: str, data: bytes = b"", **_: Any) -> None:
+        self._call("copy_file")
+        self.files[path] = data
+
+    def _drop_copies(self, container_id: str) -> None:
+        prefix = f"/run/cloudhv/mounts/{container_id}/"
+        for path in [p for p in self.files if p.startswith(prefix)]:
+            del self.files[path]
+
+    async def create_container(self, container_id: str, spec: bytes, rootfs: str, **_: Any) -> int:
+        try:
+            self._call("create_container")
+        except ShimError:
+            self._drop_copies(container_id)  # as the agent does when crun create fails
+            raise
+        if rootfs not in self.mounts:
+            raise Internal(f"rootfs {rootfs} is not mounted")
+        self.containers.add(container_id)
+        return 7
+
+    async def remove_container(self, container_id: str, **_: Any) -> None:
+        self._call("remove_container")
+        self._drop_copies(container_id)
+        if container_id not in self.containers:
+            raise NotFound(f"container {container_id} not found")
+        self.containers.discard(container_id)
+
+    async def start_container(self, container_id: str, **_: Any) -> int:
+        self._call("start_container")
+        self.started.add(container_id)
+        return 7
+
+    def _exit(self, container_id: str, exec_id: str) -> asyncio.Future[ExitStatus]:
+        key = (container_id, exec_id)
+        if key not in self.exits:
+            self.exits[key] = asyncio.get_running_loop().create_future()
+        return self.exits[key]
+
+    async def wait_process(
+        self, container_id: str, exec_id: str, *, timeout: float
+    ) -> ExitStatus | None:
+        self._call("wait_process")
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(self._exit(container_id, exec_id))
+        except TimeoutError:
+            return None
+
+    def finish(self, container_id: str, status: int, exec_id: str = "") -> None:
+        self._exit(container_id, exec_id).set_result(ExitStatus(status, 1))
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int, **_: Any) -> None:
+        self._call("signal_process")
+        future = self._exit(container_id, exec_id)
+        if not future.done():
+            future.set_result(ExitStatus(128 + signal, 1))
+
+    async def read_stdout(self, container_id: str, exec_id: str, **_: Any) -> Output:
+        return Output(b"", eof=True)
+
+    async def read_stderr(self, container_id: str, exec_id: str, **_: Any) -> Output:
+        return Output(b"", eof=True)
+
+    async def get_oom_event(self, *, timeout: float) -> str | None:
+        await asyncio.sleep(timeout)
+        return None
+
+
+class FlakyStore(StateStore):
+    """A state store whose save fails once, when the state first matches `when`."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.fail_when: Any = None
+
+    def save(self, state: PodState) -> None:
+        if self.fail_when is not None and self.fail_when(state):
+            self.fail_when = None
+            raise OSError(28, "No space left on device")
+        super().save(state)

@@ -1,0 +1,249 @@
+"""Sandbox and container orchestration, with every step of a boot and a create broken once.
+
+In-process fakes stand in for the VMM and the agent (tests/unit/fakes.py); the
+state store, the image builder (mkfs.ext4) and the host files are real. For each
+step we assert: the error names the step, everything done before it is undone,
+the persisted state matches what is left, and the pod still works afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shim import config as config_mod
+from shim import spec as spec_mod
+from shim.errors import Internal, ShimError, Unavailable
+from shim.events import Event, Publisher, TaskExit
+from shim.pod import Pod
+from shim.state import PodState
+from shim.types import CreateTask, Mount, StdioSpec
+from shim.vmm.base import VmmError, VmSpec
+from tests.unit.fakes import Failures, FakeAgent, FakeVmm, FlakyStore
+
+POD = "pod1"
+
+
+class RecordingPublisher(Publisher):
+    def __init__(self) -> None:
+        super().__init__("", "default")
+        self.events: list[Event] = []
+
+    def publish(self, event: Event) -> None:
+        self.events.append(event)
+
+
+class Harness:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.failures = Failures()
+        self.vmms: list[FakeVmm] = []
+        self.agent: FakeAgent | None = None
+        self.store = FlakyStore(tmp / "state")
+        self.events = RecordingPublisher()
+        self.config = config_mod.parse(
+            {
+                "vmm": "qemu",
+                "kernel_path": "/k",
+                "rootfs_path": "/r",
+                "kernel_args": "quiet",
+                "state_dir": str(tmp / "state"),
+                "disk_dir": str(tmp / "disks"),
+                "container_disk_headroom_mib": 16,
+            }
+        )
+        self.pod = Pod(
+            self.config,
+            POD,
+            "default",
+            self.store,
+            self.events,
+            vmm_factory=self._vmm,
+            agent_connect=self._connect,
+        )
+
+    def _vmm(self, config: config_mod.Config, spec: VmSpec) -> FakeVmm:
+        vmm = FakeVmm(spec, self.failures)
+        self.vmms.append(vmm)
+        return vmm
+
+    async def _connect(self, socket: Path, port: int, deadline: float) -> Any:
+        self.failures.check("agent_connect")
+        self.agent = FakeAgent(self.failures)
+        return self.agent
+
+    @property
+    def vmm(self) -> FakeVmm:
+        return self.vmms[-1]
+
+    def bundle(self, task_id: str, annotations: dict[str, str], **spec: Any) -> str:
+        path = self.tmp / "bundles" / task_id
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps({"annotations": annotations, **spec}))
+        return str(path)
+
+    async def create_sandbox(self) -> None:
+        bundle = self.bundle(
+            POD, {spec_mod.CONTAINER_TYPE: "sandbox", spec_mod.SANDBOX_ID: POD}, hostname="web"
+        )
+        await self.pod.create(CreateTask(POD, bundle, (), StdioSpec()))
+
+    def rootfs(self, name: str, *, missing: bool = False) -> tuple[Mount, ...]:
+        tree = self.tmp / "trees" / name
+        if not missing:
+            (tree / "bin").mkdir(parents=True, exist_ok=True)
+            (tree / "bin" / "app").write_text("#!/bin/sh\n")
+        return (Mount("bind", str(tree), "", ("rbind", "rw")),)
+
+    async def create_container(self, cid: str, *, missing_rootfs: bool = False) -> None:
+        hosts = self.tmp / "hosts"
+        hosts.write_text("127.0.0.1 localhost\n")
+        bundle = self.bundle(
+            cid,
+            {spec_mod.CONTAINER_TYPE: "container", spec_mod.SANDBOX_ID: POD},
+            mounts=[
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {
+                    "destination": "/etc/hosts",
+                    "type": "bind",
+                    "source": str(hosts),
+                    "options": ["rbind", "ro"],
+                },
+            ],
+        )
+        rootfs = self.rootfs(cid, missing=missing_rootfs)
+        await self.pod.create(CreateTask(cid, bundle, rootfs, StdioSpec()))
+
+    def persisted(self) -> PodState:
+        state = self.store.load("default", POD)
+        assert state is not None
+        return state
+
+    def images(self) -> list[Path]:
+        return sorted((self.tmp / "disks").rglob("*.ext4"))
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = Harness(tmp_path)
+    yield h
+    await h.pod.close()
+
+
+def _fail(method: str, error: BaseException) -> Callable[[Harness], None]:
+    def inject(h: Harness) -> None:
+        h.failures.pending[method] = error
+
+    return inject
+
+
+def _fail_record(h: Harness) -> None:
+    h.store.fail_when = lambda st: any(r.kind == "disk" for r in st.resources)
+
+
+CREATE_STEPS = {
+    "state record": _fail_record,
+    "image build": None,  # a rootfs directory that does not exist: mkfs has nothing to copy
+    "plug": _fail("add_disk", VmmError("no slot today")),
+    "guest mount": _fail("mount_disk", Internal("no such disk")),
+    "file copies": _fail("copy_file", Internal("guest disk full")),
+    "crun create": _fail("create_container", Internal("crun: exit status 1")),
+}
+
+
+@pytest.mark.parametrize("step", list(CREATE_STEPS))
+async def test_container_create_failure_undoes_every_earlier_step(
+    harness: Harness, step: str
+) -> None:
+    await harness.create_sandbox()
+    inject = CREATE_STEPS[step]
+    if inject is not None:
+        inject(harness)
+    with pytest.raises(ShimError) as raised:
+        await harness.create_container("c1", missing_rootfs=inject is None)
+    assert step in str(raised.value) and "c1" in str(raised.value)
+
+    agent, vmm = harness.agent, harness.vmm
+    assert agent is not None
+    assert vmm.disks == {}, "plugged disk left behind"
+    assert agent.mounts == {}, "guest mount left behind"
+    assert not [p for p in agent.files if "/c1/" in p], "guest copies left behind"
+    assert agent.containers == set()
+    assert harness.images() == [], "host image left behind"
+    state = harness.persisted()
+    assert state.resources == ()
+    assert state.containers == (POD,)
+    assert "c1" not in harness.pod.containers
+
+    # Nothing stale blocks a retry: the same container now comes up.
+    await harness.create_container("c1")
+    assert agent.containers == {"c1"}
+    assert len(vmm.disks) == 1 and len(agent.mounts) == 1 and len(harness.images()) == 1
+    assert [r.owner for r in harness.persisted().resources] == ["c1"]
+
+
+BOOT_STEPS = {
+    "VMM start": _fail("start", VmmError("qemu: cannot open kernel")),
+    "vsock ready": _fail("wait_vsock_ready", VmmError("no ready mark")),
+    "agent connect": _fail("agent_connect", Unavailable("CONNECT refused")),
+    "guest setup": _fail("setup_pod", Internal("sethostname: EINVAL")),
+}
+
+
+@pytest.mark.parametrize("step", list(BOOT_STEPS))
+async def test_sandbox_boot_failure_stops_what_was_started(harness: Harness, step: str) -> None:
+    BOOT_STEPS[step](harness)
+    with pytest.raises(ShimError) as raised:
+        await harness.create_sandbox()
+    assert step in str(raised.value) and POD in str(raised.value)
+    vmm = harness.vmm
+    assert vmm.stopped, "the VMM was left running"
+    if harness.agent is not None:
+        assert harness.agent.closed
+    state = harness.persisted()
+    assert (state.vmm, state.helpers, state.containers, state.resources) == (None, (), (), ())
+    assert harness.pod.empty and not harness.pod.sandbox.booted
+
+    await harness.create_sandbox()  # a retry boots a fresh VM
+    assert len(harness.vmms) == 2 and harness.vmm.started and not harness.vmm.stopped
+    assert harness.persisted().vmm is not None
+
+
+async def test_delete_unplugs_and_forgets_the_disk(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.create_container("c1")
+    await harness.create_container("c2")
+    agent = harness.agent
+    assert agent is not None
+    assert sorted(harness.vmm.slots.values()) == [0, 1]
+    await harness.pod.kill("c1", "", 9, False)
+    await harness.pod.delete("c1", "")
+    assert agent.containers == {"c2"}
+    assert len(harness.vmm.disks) == 1 and len(harness.images()) == 1
+    assert [r.owner for r in harness.persisted().resources] == ["c2"]
+    assert harness.persisted().containers == (POD, "c2")
+    # The freed slot is handed out again.
+    await harness.create_container("c3")
+    assert sorted(harness.vmm.slots.values()) == [0, 1]
+
+
+async def test_vm_crash_reports_every_running_process_exited(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.pod.start(POD, "")
+    await harness.create_container("c1")
+    await harness.pod.start("c1", "")
+    harness.vmm.crash(137)
+    exit_ = await harness.pod.wait("c1", "")
+    assert exit_.status == 255
+    sandbox_exit = await harness.pod.wait(POD, "")
+    assert sandbox_exit.status == 255
+    exits = [e for e in harness.events.events if isinstance(e, TaskExit)]
+    assert {e.container_id for e in exits} == {"c1", POD}
+    # Stop and remove still work on the dead VM, and take its disk with them.
+    await harness.pod.delete("c1", "")
+    await harness.pod.delete(POD, "")
+    assert harness.images() == [] and harness.persisted().resources == ()
