@@ -65,3 +65,23 @@ def test_mounts_of() -> None:
         spec.mounts_of({"mounts": ["/proc"]})
     with pytest.raises(spec.SpecError, match="mounts"):
         spec.mounts_of({"mounts": {"destination": "/proc"}})
+
+
+def test_pod_options() -> None:
+    """A sandbox spec as containerd writes it: sysctls in linux.sysctl; a pid or ipc
+    namespace entry left out when the pod's mode for it is NODE."""
+    pod = {
+        "linux": {
+            "sysctl": {"kernel.shm_rmid_forced": "1"},
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}],
+        }
+    }
+    assert spec.pod_options(pod) == spec.PodOptions(
+        sysctls={"kernel.shm_rmid_forced": "1"}, node_pid=False, node_ipc=False
+    )
+    host = {"linux": {"namespaces": [{"type": "uts"}, {"type": "network", "path": "/x"}]}}
+    assert spec.pod_options(host) == spec.PodOptions(node_pid=True, node_ipc=True)
+    with pytest.raises(spec.SpecError, match="linux.sysctl"):
+        spec.pod_options({"linux": {"sysctl": {"kernel.sem": 1}}})
+    with pytest.raises(spec.SpecError, match="linux.namespaces"):
+        spec.pod_options({"linux": {"namespaces": "pid"}})
