@@ -21,6 +21,8 @@
 
 static pid_t holder;
 static char ns_dir[32];
+/* SetupPod's choice, kept for a holder started again after the first died. */
+static bool pod_node_pid, pod_node_ipc;
 
 pid_t podns_pid(void)
 {
@@ -129,7 +131,7 @@ static int start(const struct sysctl_kv *kv, int n, bool node_pid, bool node_ipc
 
 const char *podns_ensure(struct err *e)
 {
-	if (holder <= 0 && start(NULL, 0, false, false, e) < 0)
+	if (holder <= 0 && start(NULL, 0, pod_node_pid, pod_node_ipc, e) < 0)
 		return NULL;
 	return ns_dir;
 }
@@ -139,6 +141,8 @@ int podns_create(const struct sysctl_kv *kv, int n, bool node_pid, bool node_ipc
 	if (holder > 0)
 		return err_set(e, C_FAILED_PRECONDITION,
 			       "pod namespaces exist already (holder pid %d): SetupPod comes once, first", holder);
+	pod_node_pid = node_pid;
+	pod_node_ipc = node_ipc;
 	return start(kv, n, node_pid, node_ipc, e);
 }
 
