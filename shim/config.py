@@ -98,6 +98,11 @@ class Config:
     max_containers_per_vm: Annotated[int, Range(ge=1)] = 5
     agent_port: Annotated[int, Range(ge=1, le=0xFFFFFFFF)] = 1024
     agent_startup_timeout_s: Annotated[float, Range(gt=0)] = 20.0
+    # A dropped agent connection may come back within this; then the pod is failed.
+    agent_reconnect_timeout_s: Annotated[float, Range(gt=0)] = 5.0
+    # Health is asked this often; this many unanswered in a row mean a hung agent.
+    agent_health_interval_s: Annotated[float, Range(gt=0)] = 10.0
+    agent_health_misses: Annotated[int, Range(ge=1)] = 3
     state_dir: Path = Path("/run/cloudhv")
     cache_dir: Path = Path("/var/cache/cloudhv/rootfs")
     # Writable per-container root disks. On disk, not under /run: a container that

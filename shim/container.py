@@ -79,6 +79,9 @@ class ContainerContext(PodServices, Protocol):
     def require_agent(self) -> AgentClient:
         """The agent, or Unavailable when the VM is not running."""
 
+    async def wait_agent(self) -> AgentClient | None:
+        """The agent, waiting through a reconnect; None once the VM or agent is gone."""
+
 
 Publish = Callable[[Event], None]  # queues an event for containerd, in order
 
@@ -332,22 +335,42 @@ class AppContainer(_Task):
 
     # -- start / exec --------------------------------------------------------------------
 
-    def _guest(self, agent: AgentClient, exec_id: str) -> Guest:
-        container_id = self.id
+    def _guest(self, exec_id: str) -> Guest:
+        """The agent calls for one process' streams. Each call takes the current agent
+        connection (it may have been re-established); with the VM gone a read is EOF."""
+        container_id, ctx = self.id, self._ctx
+
+        async def agent() -> AgentClient:
+            found = await ctx.wait_agent()
+            if found is None:
+                raise Unavailable(f"container {container_id}: the VM is gone")
+            return found
+
+        async def read(stream: str) -> tuple[bytes, bool]:
+            while True:
+                try:
+                    client = await agent()
+                except Unavailable:
+                    return b"", True
+                read_call = client.read_stdout if stream == "stdout" else client.read_stderr
+                try:
+                    out = await read_call(container_id, exec_id, timeout=POLL_S)
+                except Unavailable:
+                    await asyncio.sleep(0.05)  # dropped: let the session notice, then ask
+                    continue
+                return out.data, out.eof
 
         async def read_stdout() -> tuple[bytes, bool]:
-            out = await agent.read_stdout(container_id, exec_id, timeout=POLL_S)
-            return out.data, out.eof
+            return await read("stdout")
 
         async def read_stderr() -> tuple[bytes, bool]:
-            out = await agent.read_stderr(container_id, exec_id, timeout=POLL_S)
-            return out.data, out.eof
+            return await read("stderr")
 
         async def write_stdin(data: bytes) -> int:
-            return await agent.write_stdin(container_id, exec_id, data)
+            return await (await agent()).write_stdin(container_id, exec_id, data)
 
         async def close_stdin() -> None:
-            await agent.close_stdin(container_id, exec_id)
+            await (await agent()).close_stdin(container_id, exec_id)
 
         return Guest(read_stdout, read_stderr, write_stdin, close_stdin)
 
@@ -370,7 +393,7 @@ class AppContainer(_Task):
             if proc.pending_size is not None:
                 await self._apply_pending_size(agent, proc)
             if proc.io is not None:
-                proc.io.start(self._guest(agent, exec_id))
+                proc.io.start(self._guest(exec_id))
             process.transition(State.RUNNING)
             if exec_id:
                 self._publish(TaskExecStarted(self.id, exec_id, process.pid))
@@ -410,9 +433,8 @@ class AppContainer(_Task):
         process = proc.process
         backoff = 0.05
         while True:
-            try:
-                agent = self._ctx.require_agent()
-            except Unavailable:
+            agent = await self._ctx.wait_agent()
+            if agent is None:
                 status, at = VM_GONE_STATUS, time.time_ns()
                 break
             try:
@@ -420,9 +442,9 @@ class AppContainer(_Task):
                     process.container_id, process.exec_id, timeout=POLL_S
                 )
             except Unavailable:
-                # The agent connection is gone: the VM is going down (the agent is
-                # PID 1), and the VM watcher is about to record that.
-                await asyncio.sleep(0.1)
+                # The connection dropped: the session reconnects or gives up. The pause
+                # lets it notice before we ask again.
+                await asyncio.sleep(0.05)
                 continue
             except ShimError as err:
                 log.warning("event=wait_failed process=%r error=%r", process.name, str(err))

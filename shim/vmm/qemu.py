@@ -25,7 +25,16 @@ from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from shim.vmm.base import DiskSpec, NetSpec, Vmm, VmmError, VmProcesses, VmSpec
+from shim.vmm.base import (
+    DiskSpec,
+    NetSpec,
+    ProcessSpawned,
+    Vmm,
+    VmmError,
+    VmProcesses,
+    VmSpec,
+    ignore_process,
+)
 from shim.vmm.procs import process_start_time
 
 log = logging.getLogger(__name__)
@@ -113,7 +122,7 @@ class QemuVmm(Vmm):
             cmd += ["-device", f"pcie-root-port,id=rp{index},bus=pcie.0,chassis={index + 1},slot=0"]
         return cmd
 
-    async def start(self) -> VmProcesses:
+    async def start(self, on_process: ProcessSpawned = ignore_process) -> VmProcesses:
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stale in (self.agent_socket, self._vhost_socket, self._qmp_socket):
             stale.unlink(missing_ok=True)
@@ -129,6 +138,7 @@ class QemuVmm(Vmm):
                 ],
                 self._dir / "vsock.log",
             )
+            await _announce(on_process, "vhost-device-vsock", self._vsock.pid)
             await self._wait_for_path(
                 self._vhost_socket, self._vsock, "vhost-device-vsock", deadline
             )
@@ -138,6 +148,7 @@ class QemuVmm(Vmm):
             log.info("event=vmm_launch vmm=qemu dir=%s", self._dir)
             self._qemu = await _spawn(argv, self._dir / "qemu.log")
             self._reaper = asyncio.create_task(self._reap())
+            await _announce(on_process, "vmm", self._qemu.pid)
             self._qmp = await self._connect_qmp(deadline)
         except BaseException as error:
             detail = self._log_tail()
@@ -205,9 +216,23 @@ class QemuVmm(Vmm):
         await asyncio.to_thread(shutil.rmtree, self._dir, ignore_errors=True)
 
     async def _reap(self) -> int:
-        """Owns QEMU's exit: records the status and takes the vsock backend down with it."""
+        """Owns the VM's end: QEMU's exit, or the vsock backend's, which the VM cannot
+        live without (the agent is unreachable): then QEMU is killed. Either way both
+        go, and QEMU's status is returned."""
         assert self._qemu is not None
-        status = await self._qemu.wait()
+        qemu = asyncio.ensure_future(self._qemu.wait())
+        waits: set[asyncio.Future[int]] = {qemu}
+        if self._vsock is not None:
+            waits.add(asyncio.ensure_future(self._vsock.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not qemu.done():
+            log.error(
+                "event=vsock_backend_exited status=%s dir=%s: stopping QEMU",
+                self._vsock.returncode if self._vsock else None, self._dir,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                self._qemu.kill()
+        status = await qemu
         self._exit_status = status
         if self._vsock is not None and self._vsock.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -218,7 +243,9 @@ class QemuVmm(Vmm):
             if self._vsock.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     self._vsock.kill()
-                await self._vsock.wait()
+        for pending in waits:
+            with contextlib.suppress(ProcessLookupError):
+                await pending
         log.info("event=vmm_exit vmm=qemu status=%s dir=%s", status, self._dir)
         return status
 
@@ -348,6 +375,12 @@ class QemuVmm(Vmm):
                 if text:
                     lines.append(f"{name}: {text.splitlines()[-1]}")
         return ("; " + "; ".join(lines)) if lines else ""
+
+
+async def _announce(on_process: ProcessSpawned, role: str, pid: int) -> None:
+    start_time = process_start_time(pid)
+    if start_time is not None:
+        await on_process(role, pid, start_time)
 
 
 def _is_block(path: Path) -> bool:

@@ -8,6 +8,7 @@ the persisted state matches what is left, and the pod still works afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -48,6 +49,9 @@ class Harness:
         self.config = config_mod.parse(
             {
                 "vmm": "qemu",
+                "agent_reconnect_timeout_s": 0.5,
+                "agent_health_interval_s": 0.2,
+                "agent_health_misses": 2,
                 "kernel_path": "/k",
                 "rootfs_path": "/r",
                 "kernel_args": "quiet",
@@ -73,7 +77,10 @@ class Harness:
 
     async def _connect(self, socket: Path, port: int, deadline: float) -> Any:
         self.failures.check("agent_connect")
-        self.agent = FakeAgent(self.failures)
+        if self.agent is not None and not self.vmm.stopped and self.agent.closed:
+            self.agent = self.agent.reconnect()  # the same VM: a new connection
+        else:
+            self.agent = FakeAgent(self.failures)
         return self.agent
 
     @property
@@ -247,3 +254,87 @@ async def test_vm_crash_reports_every_running_process_exited(harness: Harness) -
     await harness.pod.delete("c1", "")
     await harness.pod.delete(POD, "")
     assert harness.images() == [] and harness.persisted().resources == ()
+
+
+async def test_vmm_processes_are_persisted_before_start_returns(harness: Harness) -> None:
+    """A shim killed while the VMM starts leaves pids that delete can find."""
+    seen: list[tuple[int, ...]] = []
+    original = harness._vmm
+
+    def factory(config: config_mod.Config, spec: VmSpec) -> FakeVmm:
+        vmm = original(config, spec)
+        vmm.spawned.clear()
+        return vmm
+
+    harness.pod.sandbox._vmm_factory = factory
+    boot = asyncio.create_task(harness.create_sandbox())
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        state = harness.store.load("default", POD)
+        if state is not None and state.helpers:
+            seen.append(tuple(h.pid for h in state.helpers))
+            break
+    assert seen == [(4241,)], "the helper was not persisted while the start was in progress"
+    harness.vmm.spawned.set()
+    await boot
+
+
+async def test_cancelled_stop_still_stops_the_vm(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.pod.start(POD, "")
+    harness.vmm.shutdown_delay = 0.3
+    kill = asyncio.create_task(harness.pod.kill(POD, "", 15, False))
+    await asyncio.sleep(0.05)
+    kill.cancel()  # what the ttrpc server does at a deadline or when containerd goes
+    with pytest.raises(asyncio.CancelledError):
+        await kill
+    assert harness.pod.sandbox.booted, "the VM handle was dropped before it was stopped"
+    await asyncio.sleep(0.5)
+    assert harness.vmm.stopped
+    state = harness.persisted()
+    assert state.vmm is None and state.helpers == ()
+
+
+async def test_dropped_agent_connection_is_reestablished(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.create_container("c1")
+    await harness.pod.start("c1", "")
+    first = harness.agent
+    assert first is not None
+    await first.close()  # the vsock path dropped; the agent lives on
+    for _ in range(50):
+        if harness.agent is not first:
+            break
+        await asyncio.sleep(0.02)
+    assert harness.agent is not first
+    harness.agent.finish("c1", 3)  # the process exits after the reconnect
+    exit_ = await asyncio.wait_for(harness.pod.wait("c1", ""), 5)
+    assert exit_.status == 3
+    assert not harness.vmm.stopped
+
+
+async def test_lost_agent_fails_the_pod_in_bounded_time(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.pod.start(POD, "")
+    await harness.create_container("c1")
+    await harness.pod.start("c1", "")
+    assert harness.agent is not None
+    harness.failures.pending["agent_connect"] = Unavailable("nobody listens")
+    await harness.agent.close()
+    exit_ = await asyncio.wait_for(harness.pod.wait("c1", ""), 5)
+    assert exit_.status == 255
+    assert (await asyncio.wait_for(harness.pod.wait(POD, ""), 5)).status == 255
+    assert harness.vmm.stopped
+    with pytest.raises(Unavailable, match="did not come back"):
+        harness.pod.sandbox.require_agent()  # what every later call that needs it hears
+
+
+async def test_hung_agent_fails_the_pod_in_bounded_time(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.create_container("c1")
+    await harness.pod.start("c1", "")
+    assert harness.agent is not None
+    harness.agent.hung = True
+    exit_ = await asyncio.wait_for(harness.pod.wait("c1", ""), 5)
+    assert exit_.status == 255 and harness.vmm.stopped
+    assert "Health" in harness.pod.sandbox.failure
