@@ -15,6 +15,7 @@ import logging
 import time
 from pathlib import Path
 
+from shim import bundle
 from shim import spec as spec_mod
 from shim.config import Config
 from shim.container import AppContainer, SandboxTask, Task, spec_error
@@ -105,15 +106,18 @@ class Pod:
             spec = spec_mod.read_spec(Path(task.bundle) / "config.json")
             annotations = spec_mod.annotations_of(spec)
             hostname = spec_mod.hostname_of(spec)
+            identity = spec_mod.identify(task.id, annotations)
         except spec_mod.SpecError as err:
             raise spec_error(task.id, err) from err
-        identity = spec_mod.identify(task.id, annotations)
         if identity.pod_id != self.id:
             raise InvalidArgument(
                 f"create {task.id}: it belongs to pod {identity.pod_id}, this shim serves {self.id}"
             )
         async with self._lock:
             self._check_room(task, identity.kind)
+            await asyncio.to_thread(
+                bundle.record_state_dir, Path(task.bundle), self.id, str(self.config.state_dir)
+            )
             sandbox = self.sandbox
             size = sandbox.size(annotations) if not sandbox.booted else None
             await sandbox.save(
