@@ -95,6 +95,7 @@ class ContainerProcess:
         self.process_json = process_json
         self.exit_published = False
         self.pending_size: tuple[int, int] | None = None  # (rows, cols) asked for before start
+        self.opening = False  # an exec whose stdio is still being opened
 
 
 class _Task:
@@ -379,6 +380,8 @@ class AppContainer(_Task):
         process = proc.process
         async with process.lock:
             process.check("start")
+            if proc.opening:
+                raise FailedPrecondition(f"{process.name} is being set up: Exec has not returned")
             agent = self._ctx.require_agent()
             if exec_id:
                 await agent.exec_process(
@@ -420,11 +423,25 @@ class AppContainer(_Task):
         self.init.process.check("exec")
         if task.exec_id in self.execs:
             raise AlreadyExists(f"exec {task.exec_id} of container {self.id} already exists")
-        io = ProcessIO(task.stdio, task.container_id, self._ctx.namespace)
-        await io.open()
+        # The id is taken before the first await: a second Exec of it is refused, and a
+        # Delete of the container in between is seen below.
         process = Process(task.container_id, task.exec_id)
         process.pid = self._ctx.vmm_pid
-        self.execs[task.exec_id] = ContainerProcess(process, io, task.process_json)
+        proc = ContainerProcess(process, None, task.process_json)
+        proc.opening = True
+        self.execs[task.exec_id] = proc
+        io = ProcessIO(task.stdio, task.container_id, self._ctx.namespace)
+        try:
+            await io.open()
+            if self.init.process.state is State.DELETED or self.execs.get(task.exec_id) is not proc:
+                raise NotFound(f"container {self.id} was deleted while exec {task.exec_id} opened")
+        except BaseException:
+            await io.close()
+            if self.execs.get(task.exec_id) is proc:
+                del self.execs[task.exec_id]
+            raise
+        proc.io = io
+        proc.opening = False
         self._publish(TaskExecAdded(task.container_id, task.exec_id))
 
     # -- exits ---------------------------------------------------------------------------

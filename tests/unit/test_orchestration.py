@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,11 @@ import pytest
 
 from shim import config as config_mod
 from shim import spec as spec_mod
-from shim.errors import Internal, ShimError, Unavailable
+from shim.errors import Internal, NotFound, ShimError, Unavailable
 from shim.events import Event, Publisher, TaskExit
 from shim.pod import Pod
 from shim.state import PodState
-from shim.types import CreateTask, Mount, StdioSpec
+from shim.types import CreateTask, ExecTask, Mount, StdioSpec
 from shim.vmm.base import VmmError, VmSpec
 from tests.unit.fakes import Failures, FakeAgent, FakeVmm, FlakyStore
 
@@ -338,3 +339,63 @@ async def test_hung_agent_fails_the_pod_in_bounded_time(harness: Harness) -> Non
     exit_ = await asyncio.wait_for(harness.pod.wait("c1", ""), 5)
     assert exit_.status == 255 and harness.vmm.stopped
     assert "Health" in harness.pod.sandbox.failure
+
+
+def _slow_logger(tmp: Path) -> str:
+    """A binary:// logger that takes 0.3 s to say it is ready: Exec awaits it."""
+    script = tmp / "slow-logger"
+    script.write_text(
+        "#!/bin/sh\nsleep 0.3\nexec 5>&-\ncat <&3 >/dev/null & cat <&4 >/dev/null\nwait\n"
+    )
+    script.chmod(0o755)
+    return f"binary://{script}"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _loggers(tmp: Path) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(tmp).encode() in cmdline and b"slow-logger" in cmdline:
+            found.append(pid)
+    return found
+
+
+async def test_concurrent_execs_of_one_id_one_wins_nothing_leaks(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.create_container("c1")
+    await harness.pod.start("c1", "")
+    baseline = _open_fds()
+    stdio = StdioSpec(stdout=_slow_logger(harness.tmp))
+    task = ExecTask("c1", "e1", stdio, b'{"args": ["true"]}')
+    results = await asyncio.gather(
+        harness.pod.exec(task), harness.pod.exec(task), return_exceptions=True
+    )
+    assert sorted(type(r).__name__ for r in results) == ["AlreadyExists", "NoneType"]
+    await harness.pod.delete("c1", "e1")
+    assert _open_fds() == baseline
+    assert _loggers(harness.tmp) == []
+
+
+async def test_exec_racing_a_delete_is_refused_and_leaks_nothing(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.create_container("c1")
+    await harness.pod.start("c1", "")
+    baseline = _open_fds()
+    stdio = StdioSpec(stdout=_slow_logger(harness.tmp))
+    exec_ = asyncio.create_task(harness.pod.exec(ExecTask("c1", "e1", stdio, b"{}")))
+    await asyncio.sleep(0.1)  # the exec is opening its logger
+    await harness.pod.kill("c1", "", 9, False)
+    await harness.pod.wait("c1", "")
+    await harness.pod.delete("c1", "")
+    with pytest.raises(NotFound):
+        await exec_
+    assert "c1" not in harness.pod.containers
+    assert _open_fds() == baseline
+    assert _loggers(harness.tmp) == []
