@@ -61,7 +61,7 @@ from shim.volumes import MountCopies
 log = logging.getLogger(__name__)
 
 POLL_S = 30.0  # long-poll length for waits and output reads
-DRAIN_TIMEOUT_S = 5.0  # after an exit, how long output may keep flowing
+DRAIN_NOTICE_S = 30  # after an exit, how often to log that output is still flowing
 VM_GONE_STATUS = 255  # a process whose VM died (as containerd reports dead shims)
 
 
@@ -147,8 +147,13 @@ class _Task:
             return
         proc.exit_published = True
         if proc.io is not None:
-            if not await proc.io.drain(DRAIN_TIMEOUT_S):
-                log.warning("event=stdio_drain_timeout process=%r", proc.process.name)
+            # However slow the reader, the output goes out before the exit is reported:
+            # dropping it would make a log end early while the exit says "done".
+            while not await proc.io.drain(DRAIN_NOTICE_S):
+                log.warning(
+                    "event=stdio_drain_waiting process=%r after_s=%d: the reader is slow",
+                    proc.process.name, DRAIN_NOTICE_S,
+                )
             await proc.io.close()
         process = proc.process
         self._publish(

@@ -10,7 +10,8 @@ Targets (chosen by the scheme of the stdout URI, as containerd's runc shim does)
 
 Pumps move bytes with back-pressure and never drop any: output is read from the
 agent by long polls and written out before the next poll; stdin is resent until
-the agent took all of it. A process' exit is reported only after `drain()`.
+the agent took all of it. A process' exit is reported only after `drain()` says all
+of its output was written out, however long that takes.
 """
 
 from __future__ import annotations

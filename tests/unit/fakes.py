@@ -121,13 +121,14 @@ class FakeAgent:
         self.containers: set[str] = set()
         self.started: set[str] = set()
         self.exits: dict[tuple[str, str], asyncio.Future[ExitStatus]] = {}
+        self.stdout: dict[tuple[str, str], list[bytes]] = {}  # what the process printed
         self.hostname = ""
 
     def reconnect(self) -> FakeAgent:
         """A new connection to the same guest (its containers, files and exits)."""
         other = FakeAgent(self._failures)
         other.mounts, other.files, other.containers = self.mounts, self.files, self.containers
-        other.started, other.exits = self.started, self.exits
+        other.started, other.exits, other.stdout = self.started, self.exits, self.stdout
         return other
 
     @property
@@ -237,6 +238,9 @@ class FakeAgent:
             future.set_result(ExitStatus(128 + signal, 1))
 
     async def read_stdout(self, container_id: str, exec_id: str, **_: Any) -> Output:
+        chunks = self.stdout.get((container_id, exec_id))
+        if chunks:
+            return Output(chunks.pop(0), eof=False)
         return Output(b"", eof=True)
 
     async def read_stderr(self, container_id: str, exec_id: str, **_: Any) -> Output:

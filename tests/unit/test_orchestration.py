@@ -399,3 +399,40 @@ async def test_exec_racing_a_delete_is_refused_and_leaks_nothing(harness: Harnes
     assert "c1" not in harness.pod.containers
     assert _open_fds() == baseline
     assert _loggers(harness.tmp) == []
+
+
+async def test_exit_waits_for_a_slow_reader_and_no_output_is_lost(harness: Harness) -> None:
+    """The reader of stdout pauses 6 s after the process exited: all 1 MiB arrives, and
+    the exit is reported only then (it used to give up after 5 s and drop the rest)."""
+    await harness.create_sandbox()
+    fifo = harness.tmp / "stdout"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    hosts = harness.tmp / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    bundle = harness.bundle("c1", {spec_mod.CONTAINER_TYPE: "container", spec_mod.SANDBOX_ID: POD})
+    await harness.pod.create(
+        CreateTask("c1", bundle, harness.rootfs("c1"), StdioSpec(stdout=str(fifo)))
+    )
+    assert harness.agent is not None
+    payload = os.urandom(1 << 20)
+    chunks = [payload[i : i + 65536] for i in range(0, len(payload), 65536)]
+    harness.agent.stdout[("c1", "")] = chunks
+    harness.agent.finish("c1", 0)
+    await harness.pod.start("c1", "")
+    waiter = asyncio.create_task(harness.pod.wait("c1", ""))
+    await asyncio.sleep(6.0)
+    assert not waiter.done(), "the exit was reported before the output was delivered"
+    got = bytearray()
+    while not waiter.done() or len(got) < len(payload):
+        try:
+            chunk = os.read(reader, 1 << 16)
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+            continue
+        got += chunk
+        if not chunk:
+            break
+    assert (await waiter).status == 0
+    os.close(reader)
+    assert bytes(got) == payload
