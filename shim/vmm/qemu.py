@@ -35,6 +35,7 @@ from shim.vmm.base import (
     VmSpec,
     ignore_process,
 )
+from shim.vmm.console import ConsoleLog
 from shim.vmm.procs import process_start_time
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class QemuVmm(Vmm):
         self._qmp: QMPClient | None = None
         self._exit_status: int | None = None
         self._reaper: asyncio.Task[int] | None = None
+        self._console = ConsoleLog(self._dir / "console.log")
 
     # -- paths -------------------------------------------------------------
     @property
@@ -81,7 +83,11 @@ class QemuVmm(Vmm):
 
     @property
     def console_log(self) -> Path:
-        return self._dir / "console.log"
+        return self._console.path
+
+    @property
+    def _console_socket(self) -> Path:
+        return self._dir / "console.sock"
 
     @property
     def pid(self) -> int:
@@ -109,7 +115,8 @@ class QemuVmm(Vmm):
             # vhost-user needs guest memory the backend can map: a shared memfd.
             "-object", f"memory-backend-memfd,id=mem0,size={mem},share=on",
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-serial", f"file:{self.console_log}",
+            "-chardev", f"socket,id=console0,path={self._console_socket},server=on,wait=off",
+            "-serial", "chardev:console0",
             "-kernel", str(spec.kernel),
             "-append", f"console=ttyS0 {spec.kernel_args}",
             "-drive", f"file={spec.rootfs},if=none,id=rootfs,format=raw,readonly=on",
@@ -124,7 +131,8 @@ class QemuVmm(Vmm):
 
     async def start(self, on_process: ProcessSpawned = ignore_process) -> VmProcesses:
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for stale in (self.agent_socket, self._vhost_socket, self._qmp_socket):
+        sockets = (self.agent_socket, self._vhost_socket, self._qmp_socket, self._console_socket)
+        for stale in sockets:
             stale.unlink(missing_ok=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10.0
@@ -149,6 +157,8 @@ class QemuVmm(Vmm):
             self._qemu = await _spawn(argv, self._dir / "qemu.log")
             self._reaper = asyncio.create_task(self._reap())
             await _announce(on_process, "vmm", self._qemu.pid)
+            await self._wait_for_path(self._console_socket, self._qemu, "QEMU", deadline)
+            await self._console.attach(self._console_socket, deadline)
             self._qmp = await self._connect_qmp(deadline)
         except BaseException as error:
             detail = self._log_tail()
@@ -213,6 +223,7 @@ class QemuVmm(Vmm):
         if self._reaper is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        await self._console.close()
         await asyncio.to_thread(shutil.rmtree, self._dir, ignore_errors=True)
 
     async def _reap(self) -> int:
@@ -259,27 +270,14 @@ class QemuVmm(Vmm):
         the guest's vsock driver was up. Dialling once the agent has said it
         listens avoided it (0 in 80). The console is ours: the agent's own line.
         """
-        loop = asyncio.get_running_loop()
-        seen = b""
-        offset = 0
-        while AGENT_READY_MARK not in seen:
-            with contextlib.suppress(FileNotFoundError):
-                with open(self.console_log, "rb") as console:
-                    console.seek(offset)
-                    chunk = console.read()
-                offset += len(chunk)
-                seen = seen[-len(AGENT_READY_MARK) :] + chunk
-            if AGENT_READY_MARK in seen:
-                return
-            if self._qemu is not None and self._qemu.returncode is not None:
-                raise VmmError(f"QEMU exited with {self._qemu.returncode} during boot")
-            if loop.time() >= deadline:
-                tail = self.console_log.read_bytes()[-300:] if self.console_log.exists() else b""
-                raise VmmError(
-                    "the agent did not report ready on the console before the deadline; "
-                    f"console ends with {tail!r}"
-                )
-            await asyncio.sleep(0.01)
+        if await self._console.wait_for(AGENT_READY_MARK, deadline):
+            return
+        if self._qemu is not None and self._qemu.returncode is not None:
+            raise VmmError(f"QEMU exited with {self._qemu.returncode} during boot")
+        raise VmmError(
+            "the agent did not report ready on the console before the deadline; "
+            f"console ends with {self._console.tail()!r}"
+        )
 
     # -- devices -----------------------------------------------------------
     async def add_disk(self, disk: DiskSpec, slot: int) -> None:
