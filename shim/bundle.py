@@ -59,21 +59,36 @@ def write_address(bundle: Path, address: str) -> None:
 
 @dataclass(frozen=True)
 class BundleInfo:
-    """What `start` records in the bundle for `delete`."""
+    """What `start` records in the bundle for `delete`: enough to clean up even when
+    the config file was edited, broken or removed since."""
 
     pod_id: str
     config_path: str = ""
+    state_dir: str = ""
 
 
 def write_info(bundle: Path, info: BundleInfo) -> None:
     tmp = bundle / f".{BUNDLE_FILE}.tmp"
-    tmp.write_text(json.dumps({"pod_id": info.pod_id, "config_path": info.config_path}))
+    tmp.write_text(
+        json.dumps(
+            {"pod_id": info.pod_id, "config_path": info.config_path, "state_dir": info.state_dir}
+        )
+    )
     os.replace(tmp, bundle / BUNDLE_FILE)
+
+
+def record_state_dir(bundle: Path, pod_id: str, state_dir: str) -> None:
+    """The daemon's addition at Create: where the pod's state lives, so that `delete`
+    finds it without the config."""
+    old = read_info(bundle)
+    write_info(bundle, BundleInfo(pod_id, old.config_path if old else "", state_dir))
 
 
 def read_info(bundle: Path) -> BundleInfo | None:
     """The recorded info, or None when the file is missing or not ours."""
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         data = json.loads((bundle / BUNDLE_FILE).read_text())
-        return BundleInfo(str(data["pod_id"]), str(data.get("config_path", "")))
+        return BundleInfo(
+            str(data["pod_id"]), str(data.get("config_path", "")), str(data.get("state_dir", ""))
+        )
     return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,4 +56,40 @@ def cleanup(state: PodState, store: StateStore, *, keep_socket: bool = False) ->
         if directory.exists():
             shutil.rmtree(directory, ignore_errors=True)
             done.append(f"removed {directory}")
+    return done
+
+
+ORPHAN_MIN_AGE_S = 60.0  # a work dir this young may belong to a pod being created
+
+
+def collect_orphan_work_dirs(
+    store: StateStore, disk_dir: Path, *, min_age_s: float = ORPHAN_MIN_AGE_S
+) -> list[str]:
+    """Remove pods' work dirs (disk images) that no persisted state names any more.
+
+    State lives in /run and is gone after a host reboot; the images live on disk
+    and would stay forever. A dir some state names is left to that state's owner
+    (its daemon, or `delete`), whatever that daemon's health. Dirs are listed before
+    the states are read, and young ones are spared, so a pod being created now is
+    never touched.
+    """
+    try:
+        candidates = [entry for entry in disk_dir.iterdir() if entry.is_dir()]
+    except FileNotFoundError:
+        return []
+    owned = {Path(state.work_dir) for state in store.states() if state.work_dir}
+    now = time.time()
+    done: list[str] = []
+    for entry in candidates:
+        if entry in owned:
+            continue
+        try:
+            age = now - entry.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age < min_age_s:
+            continue
+        unmount_under([entry])
+        shutil.rmtree(entry, ignore_errors=True)
+        done.append(f"removed orphan {entry}")
     return done

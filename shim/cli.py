@@ -200,9 +200,12 @@ def start(args: Args, stdin: bytes) -> str:
         for fd in (ready_w, config_r):
             os.close(fd)
         ready_w = config_r = -1
-        _send_config(config_w, proc, config_path)
+        state_dir = _send_config(config_w, proc, config_path)
         os.close(config_w)
         config_w = -1
+        # delete then finds the state without the config, should it change or break.
+        info = bundle_mod.BundleInfo(identity.pod_id, config_path, state_dir)
+        bundle_mod.write_info(bundle, info)
         _await_ready(ready_r, proc, READY_TIMEOUT_S)
     except BaseException:
         path.unlink(missing_ok=True)
@@ -216,8 +219,9 @@ def start(args: Args, stdin: bytes) -> str:
     return address
 
 
-def _send_config(fd: int, proc: subprocess.Popen[bytes], config_path: str) -> None:
-    """Validate the config and write it to the daemon's config pipe.
+def _send_config(fd: int, proc: subprocess.Popen[bytes], config_path: str) -> str:
+    """Validate the config and write it to the daemon's config pipe; returns the
+    state dir it names.
 
     The daemon exits if the pipe closes with no config in it, so an invalid config,
     or this process dying here, never leaves a daemon behind.
@@ -234,6 +238,7 @@ def _send_config(fd: int, proc: subprocess.Popen[bytes], config_path: str) -> No
     with contextlib.suppress(BrokenPipeError):  # a dead daemon: _await_ready says how
         while data:
             data = data[os.write(fd, data) :]
+    return str(validated.state_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -268,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bundle_dir = Path(args.bundle) if args.bundle else Path.cwd()
             sys.stdout.buffer.write(delete(args.id, bundle_dir, args.namespace, args.address))
             return 0
-    except (UsageError, OSError, pbwire.WireError, SocketPathError) as err:
+    except (UsageError, OSError, pbwire.WireError, SocketPathError, spec.SpecError) as err:
         print(f"containerd-shim-cloudhv-v1 {args.action}: {err}", file=sys.stderr)
         return 1
     print(f"containerd-shim-cloudhv-v1: unknown action {args.action!r}", file=sys.stderr)

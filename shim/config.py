@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 DEFAULT_PATH = Path("/etc/cloudhv/config.json")
+MAX_BYTES = 1 << 20
 ENV_VAR = "CLOUDHV_CONFIG"
 _T = TypeVar("_T")
 
@@ -98,6 +99,11 @@ class Config:
     max_containers_per_vm: Annotated[int, Range(ge=1)] = 5
     agent_port: Annotated[int, Range(ge=1, le=0xFFFFFFFF)] = 1024
     agent_startup_timeout_s: Annotated[float, Range(gt=0)] = 20.0
+    # A dropped agent connection may come back within this; then the pod is failed.
+    agent_reconnect_timeout_s: Annotated[float, Range(gt=0)] = 5.0
+    # Health is asked this often; this many unanswered in a row mean a hung agent.
+    agent_health_interval_s: Annotated[float, Range(gt=0)] = 10.0
+    agent_health_misses: Annotated[int, Range(ge=1)] = 3
     state_dir: Path = Path("/run/cloudhv")
     cache_dir: Path = Path("/var/cache/cloudhv/rootfs")
     # Writable per-container root disks. On disk, not under /run: a container that
@@ -120,13 +126,21 @@ def resolve_path(option_path: str | None, env: Mapping[str, str] | None = None) 
 def load(path: Path) -> Config:
     """Read and validate `path`. Raises ConfigError with one clear line."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"config {path}: cannot read: {err.strerror or err}") from err
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(f"config {path}: {len(raw)} bytes, more than a config can be")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config {path}: not UTF-8 (byte {err.start}: {err.reason})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"config {path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    except RecursionError:
+        raise ConfigError(f"config {path}: JSON nested too deeply") from None
     return parse(data, f"config {path}")
 
 

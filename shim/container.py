@@ -61,7 +61,7 @@ from shim.volumes import MountCopies
 log = logging.getLogger(__name__)
 
 POLL_S = 30.0  # long-poll length for waits and output reads
-DRAIN_TIMEOUT_S = 5.0  # after an exit, how long output may keep flowing
+DRAIN_NOTICE_S = 30  # after an exit, how often to log that output is still flowing
 VM_GONE_STATUS = 255  # a process whose VM died (as containerd reports dead shims)
 
 
@@ -79,6 +79,9 @@ class ContainerContext(PodServices, Protocol):
     def require_agent(self) -> AgentClient:
         """The agent, or Unavailable when the VM is not running."""
 
+    async def wait_agent(self) -> AgentClient | None:
+        """The agent, waiting through a reconnect; None once the VM or agent is gone."""
+
 
 Publish = Callable[[Event], None]  # queues an event for containerd, in order
 
@@ -92,6 +95,7 @@ class ContainerProcess:
         self.process_json = process_json
         self.exit_published = False
         self.pending_size: tuple[int, int] | None = None  # (rows, cols) asked for before start
+        self.opening = False  # an exec whose stdio is still being opened
 
 
 class _Task:
@@ -143,8 +147,13 @@ class _Task:
             return
         proc.exit_published = True
         if proc.io is not None:
-            if not await proc.io.drain(DRAIN_TIMEOUT_S):
-                log.warning("event=stdio_drain_timeout process=%r", proc.process.name)
+            # However slow the reader, the output goes out before the exit is reported:
+            # dropping it would make a log end early while the exit says "done".
+            while not await proc.io.drain(DRAIN_NOTICE_S):
+                log.warning(
+                    "event=stdio_drain_waiting process=%r after_s=%d: the reader is slow",
+                    proc.process.name, DRAIN_NOTICE_S,
+                )
             await proc.io.close()
         process = proc.process
         self._publish(
@@ -332,22 +341,42 @@ class AppContainer(_Task):
 
     # -- start / exec --------------------------------------------------------------------
 
-    def _guest(self, agent: AgentClient, exec_id: str) -> Guest:
-        container_id = self.id
+    def _guest(self, exec_id: str) -> Guest:
+        """The agent calls for one process' streams. Each call takes the current agent
+        connection (it may have been re-established); with the VM gone a read is EOF."""
+        container_id, ctx = self.id, self._ctx
+
+        async def agent() -> AgentClient:
+            found = await ctx.wait_agent()
+            if found is None:
+                raise Unavailable(f"container {container_id}: the VM is gone")
+            return found
+
+        async def read(stream: str) -> tuple[bytes, bool]:
+            while True:
+                try:
+                    client = await agent()
+                except Unavailable:
+                    return b"", True
+                read_call = client.read_stdout if stream == "stdout" else client.read_stderr
+                try:
+                    out = await read_call(container_id, exec_id, timeout=POLL_S)
+                except Unavailable:
+                    await asyncio.sleep(0.05)  # dropped: let the session notice, then ask
+                    continue
+                return out.data, out.eof
 
         async def read_stdout() -> tuple[bytes, bool]:
-            out = await agent.read_stdout(container_id, exec_id, timeout=POLL_S)
-            return out.data, out.eof
+            return await read("stdout")
 
         async def read_stderr() -> tuple[bytes, bool]:
-            out = await agent.read_stderr(container_id, exec_id, timeout=POLL_S)
-            return out.data, out.eof
+            return await read("stderr")
 
         async def write_stdin(data: bytes) -> int:
-            return await agent.write_stdin(container_id, exec_id, data)
+            return await (await agent()).write_stdin(container_id, exec_id, data)
 
         async def close_stdin() -> None:
-            await agent.close_stdin(container_id, exec_id)
+            await (await agent()).close_stdin(container_id, exec_id)
 
         return Guest(read_stdout, read_stderr, write_stdin, close_stdin)
 
@@ -356,6 +385,8 @@ class AppContainer(_Task):
         process = proc.process
         async with process.lock:
             process.check("start")
+            if proc.opening:
+                raise FailedPrecondition(f"{process.name} is being set up: Exec has not returned")
             agent = self._ctx.require_agent()
             if exec_id:
                 await agent.exec_process(
@@ -370,7 +401,7 @@ class AppContainer(_Task):
             if proc.pending_size is not None:
                 await self._apply_pending_size(agent, proc)
             if proc.io is not None:
-                proc.io.start(self._guest(agent, exec_id))
+                proc.io.start(self._guest(exec_id))
             process.transition(State.RUNNING)
             if exec_id:
                 self._publish(TaskExecStarted(self.id, exec_id, process.pid))
@@ -397,11 +428,25 @@ class AppContainer(_Task):
         self.init.process.check("exec")
         if task.exec_id in self.execs:
             raise AlreadyExists(f"exec {task.exec_id} of container {self.id} already exists")
-        io = ProcessIO(task.stdio, task.container_id, self._ctx.namespace)
-        await io.open()
+        # The id is taken before the first await: a second Exec of it is refused, and a
+        # Delete of the container in between is seen below.
         process = Process(task.container_id, task.exec_id)
         process.pid = self._ctx.vmm_pid
-        self.execs[task.exec_id] = ContainerProcess(process, io, task.process_json)
+        proc = ContainerProcess(process, None, task.process_json)
+        proc.opening = True
+        self.execs[task.exec_id] = proc
+        io = ProcessIO(task.stdio, task.container_id, self._ctx.namespace)
+        try:
+            await io.open()
+            if self.init.process.state is State.DELETED or self.execs.get(task.exec_id) is not proc:
+                raise NotFound(f"container {self.id} was deleted while exec {task.exec_id} opened")
+        except BaseException:
+            await io.close()
+            if self.execs.get(task.exec_id) is proc:
+                del self.execs[task.exec_id]
+            raise
+        proc.io = io
+        proc.opening = False
         self._publish(TaskExecAdded(task.container_id, task.exec_id))
 
     # -- exits ---------------------------------------------------------------------------
@@ -410,9 +455,8 @@ class AppContainer(_Task):
         process = proc.process
         backoff = 0.05
         while True:
-            try:
-                agent = self._ctx.require_agent()
-            except Unavailable:
+            agent = await self._ctx.wait_agent()
+            if agent is None:
                 status, at = VM_GONE_STATUS, time.time_ns()
                 break
             try:
@@ -420,9 +464,9 @@ class AppContainer(_Task):
                     process.container_id, process.exec_id, timeout=POLL_S
                 )
             except Unavailable:
-                # The agent connection is gone: the VM is going down (the agent is
-                # PID 1), and the VM watcher is about to record that.
-                await asyncio.sleep(0.1)
+                # The connection dropped: the session reconnects or gives up. The pause
+                # lets it notice before we ask again.
+                await asyncio.sleep(0.05)
                 continue
             except ShimError as err:
                 log.warning("event=wait_failed process=%r error=%r", process.name, str(err))

@@ -85,6 +85,8 @@ class HostEntry:
     mtime_ns: int = 0
     target: str = ""  # a symlink's target
     error: str = ""  # why it is MISSING or UNREADABLE
+    dev: int = 0  # identity at scan time: a read must find the same inode
+    ino: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,12 @@ class HostTree:
 
 @dataclass(frozen=True)
 class FileCopy:
-    """One CopyFile call: a directory, a regular file (data read from host_path) or a symlink."""
+    """One CopyFile call: a directory, a regular file (data read from host_path) or a symlink.
+
+    A file's bytes are read from `root` (the bind mount's source, followed as a bind
+    mount follows it) then `rel` component by component, never through a symlink,
+    and only if the inode is the one scanned (`dev`, `ino`).
+    """
 
     host_path: str
     guest_path: str
@@ -109,6 +116,12 @@ class FileCopy:
     symlink_target: str | None = None
     size: int = 0
     mtime_ns: int = 0  # host mtime when scanned: a changed one means copy again
+    root: str = ""
+    rel: str = ""  # "" for the source itself
+    root_dev: int = 0
+    root_ino: int = 0
+    dev: int = 0
+    ino: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,7 +192,7 @@ def plan_mounts(
         read_only = "ro" in (mount.get("options") or [])
         if top.kind is Kind.FILE:
             _check_file(where, "file", top, max_file_bytes)
-            copies.append(_copy(source, guest_path, top))
+            copies.append(_copy(tree, guest_path, top))
             if not read_only and destination not in CRI_POD_FILES:
                 notes.append(
                     f"{where}: read-write file copied into the VM; what the container "
@@ -248,10 +261,17 @@ def _differs(old: FileCopy, new: FileCopy) -> bool:
     return old != new
 
 
-def _copy(host_path: str, guest_path: str, entry: HostEntry) -> FileCopy:
+def _copy(tree: HostTree, guest_path: str, entry: HostEntry) -> FileCopy:
+    top = tree.entries[0]
     return FileCopy(
-        host_path=host_path,
+        host_path=posixpath.join(tree.source, entry.rel) if entry.rel else tree.source,
         guest_path=guest_path,
+        root=tree.source,
+        rel=entry.rel,
+        root_dev=top.dev,
+        root_ino=top.ino,
+        dev=entry.dev,
+        ino=entry.ino,
         mode=entry.mode,
         uid=entry.uid,
         gid=entry.gid,
@@ -303,7 +323,7 @@ def _plan_dir(
             f"{where}: directory holds {total} bytes; "
             f"only directories up to {max_dir_bytes} bytes are copied into the VM"
         )
-    copies = [_copy(tree.source, guest_base, tree.entries[0])]
+    copies = [_copy(tree, guest_base, tree.entries[0])]
     # Sorting by path components puts every directory before what it holds.
     for entry in sorted(below, key=lambda e: e.rel.split("/")):
         name = _printable(entry.rel)
@@ -331,7 +351,7 @@ def _plan_dir(
                 f"{where}: {name}: its path in the VM ({guest_path}) is longer than "
                 f"{MAX_GUEST_PATH} bytes"
             )
-        copies.append(_copy(posixpath.join(tree.source, entry.rel), guest_path, entry))
+        copies.append(_copy(tree, guest_path, entry))
     return copies
 
 
@@ -409,23 +429,52 @@ def scan_source(source: str, *, limit: int = SCAN_LIMIT) -> HostTree:
 def read_copy(copy: FileCopy, *, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The bytes to send for a regular-file copy, read now (the file may have changed).
 
-    Refuses, as InvalidArgument, a path that is no longer a regular file (opening
-    a FIFO would block) or has grown past `max_bytes`.
+    The path is walked from the mount source down, one component at a time with
+    O_NOFOLLOW, and each step must be the inode the scan saw: a file swapped for a
+    symlink (to a root-only host file, say) between scan and read is refused, not
+    followed. Also refused, as InvalidArgument: a path that is no longer a regular
+    file (opening a FIFO would block) or has grown past `max_bytes`.
     """
+    what = f"copy {copy.host_path} into the VM"
+    fd = -1
     try:
-        fd = os.open(copy.host_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # The source itself is followed, as the bind mount follows it.
+        fd = os.open(copy.root, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        _same(fd, copy.root_dev, copy.root_ino, what)
+        parts = [p for p in copy.rel.split("/") if p]
+        for index, name in enumerate(parts):
+            last = index == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            if not last:
+                flags |= os.O_DIRECTORY
+            child = os.open(name, flags, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        _same(fd, copy.dev, copy.ino, what)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidArgument(f"{what}: no longer a regular file")
+        with os.fdopen(fd, "rb") as file:
+            fd = -1
+            data = file.read(max_bytes + 1)
     except OSError as err:
-        raise InvalidArgument(f"copy {copy.host_path} into the VM: {_strerror(err)}") from err
-    with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            raise InvalidArgument(f"copy {copy.host_path} into the VM: no longer a regular file")
-        data = file.read(max_bytes + 1)
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            why = "a symlink now stands on its path (not followed)"
+            raise InvalidArgument(f"{what}: {why}") from err
+        raise InvalidArgument(f"{what}: {_strerror(err)}") from err
+    finally:
+        if fd >= 0:
+            os.close(fd)
     if len(data) > max_bytes:
         raise InvalidArgument(
-            f"copy {copy.host_path} into the VM: grew past {max_bytes} bytes, "
-            "the largest file copied into the VM"
+            f"{what}: grew past {max_bytes} bytes, the largest file copied into the VM"
         )
     return data
+
+
+def _same(fd: int, dev: int, ino: int, what: str) -> None:
+    info = os.fstat(fd)
+    if (info.st_dev, info.st_ino) != (dev, ino):
+        raise InvalidArgument(f"{what}: replaced since the scan (another inode)")
 
 
 _KINDS = {
@@ -448,6 +497,8 @@ def _entry(rel: str, info: os.stat_result) -> HostEntry:
         gid=info.st_gid,
         size=info.st_size,
         mtime_ns=info.st_mtime_ns,
+        dev=info.st_dev,
+        ino=info.st_ino,
     )
 
 

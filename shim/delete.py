@@ -27,25 +27,38 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _bundle_info(bundle_dir: Path, task_id: str) -> tuple[str, str]:
-    """(pod id, config path) recorded by `start`, else derived from the bundle."""
+def _bundle_info(bundle_dir: Path, task_id: str) -> bundle.BundleInfo:
+    """What `start` and the daemon recorded, else the pod id derived from the bundle."""
     info = bundle.read_info(bundle_dir)
     if info is not None:
-        return info.pod_id, info.config_path
-    return spec.identify(task_id, spec.bundle_annotations(bundle_dir)).pod_id, ""
+        return info
+    try:
+        pod_id = spec.identify(task_id, spec.bundle_annotations(bundle_dir)).pod_id
+    except spec.SpecError as err:
+        _warn(f"delete {task_id}: {err}; only the bundle is cleaned")
+        pod_id = ""
+    return bundle.BundleInfo(pod_id)
+
+
+def _state_dir(info: bundle.BundleInfo, task_id: str) -> Path | None:
+    """The pod's state dir: as the daemon recorded it, else from the config."""
+    if info.state_dir:
+        return Path(info.state_dir)
+    try:
+        return config_mod.load(config_mod.resolve_path(info.config_path)).state_dir
+    except config_mod.ConfigError as err:
+        _warn(f"delete {task_id}: {err}; only the bundle is cleaned")
+        return None
 
 
 def delete(task_id: str, bundle_dir: Path, namespace: str, address: str) -> bytes:
     """Clean up after task `task_id`; returns the DeleteResponse to print."""
-    pod_id, config_path = _bundle_info(bundle_dir, task_id)
+    info = _bundle_info(bundle_dir, task_id)
+    pod_id = info.pod_id
     pid = 0
-    try:
-        config = config_mod.load(config_mod.resolve_path(config_path))
-    except config_mod.ConfigError as err:
-        _warn(f"delete {task_id}: {err}; only the bundle is cleaned")
-        config = None
-    if config is not None:
-        store = StateStore(config.state_dir)
+    state_dir = _state_dir(info, task_id) if pod_id else None
+    if state_dir is not None:
+        store = StateStore(state_dir)
         try:
             state = store.load(namespace, pod_id) or store.find_task(namespace, task_id)
         except StateError as err:

@@ -3,8 +3,11 @@
 Every event goes through one FIFO queue drained by one task, so containerd sees
 them in the order they were published (create → start → exit → delete). The
 callers guarantee the causal order (an exit is published only after its start).
-A failing call is retried (5 s per attempt, 5 attempts, reconnecting), then
-dropped with an error in the log, as containerd's own shims do.
+A failing call is retried, reconnecting, with a backoff up to 1 s, for as long
+as a containerd restart takes (RETRY_WINDOW_S): a TaskExit sent while containerd
+restarts reaches the new one. Only then is the event dropped, with an error in
+the log. The queue is bounded (QUEUE_MAX events); if it ever fills, the oldest
+event is dropped, loudly, so the daemon's memory stays bounded.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ _fwd: Any = _events_pb2
 SERVICE = "containerd.services.events.ttrpc.v1.Events"
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 CALL_TIMEOUT_S = 5.0
-ATTEMPTS = 5
+RETRY_WINDOW_S = 60.0
+QUEUE_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -201,12 +205,19 @@ class Publisher:
     """
 
     def __init__(
-        self, address: str, namespace: str, connect: Connect = Client.connect_unix
+        self,
+        address: str,
+        namespace: str,
+        connect: Connect = Client.connect_unix,
+        *,
+        retry_window_s: float = RETRY_WINDOW_S,
+        queue_max: int = QUEUE_MAX,
     ) -> None:
         self._address = address.removeprefix("unix://")
         self._namespace = namespace
         self._connect = connect
-        self._queue: asyncio.Queue[tuple[Event, int]] = asyncio.Queue()
+        self._retry_window_s = retry_window_s
+        self._queue: asyncio.Queue[tuple[Event, int]] = asyncio.Queue(queue_max)
         self._client: Client | None = None
         self.sent = 0
         self.dropped = 0
@@ -214,6 +225,11 @@ class Publisher:
     def publish(self, event: Event) -> None:
         """Enqueue; never blocks. The timestamp is taken now, not at delivery."""
         log.info("event=publish topic=%s %s", event.topic, _fields(event))
+        if self._queue.full():
+            oldest, _ = self._queue.get_nowait()
+            self._queue.task_done()
+            self.dropped += 1
+            log.error("event=publish_dropped topic=%s reason=queue_full", oldest.topic)
         self._queue.put_nowait((event, time.time_ns()))
 
     async def run(self) -> None:
@@ -245,7 +261,9 @@ class Publisher:
             return
         payload = forward_request(event, self._namespace, at_ns)
         last = ""
-        for attempt in range(ATTEMPTS):
+        deadline = time.monotonic() + self._retry_window_s
+        attempt = 0
+        while True:
             try:
                 if self._client is None or self._client.closed:
                     self._client = await self._connect(self._address)
@@ -261,10 +279,15 @@ class Publisher:
             except (ShimError, OSError) as err:
                 last = str(err)
                 await self._disconnect()
-                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+                attempt += 1
+                if attempt == 1:
+                    log.warning("event=publish_retrying topic=%s error=%r", event.topic, last)
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(min(0.05 * 2 ** min(attempt, 5), 1.0))
         self.dropped += 1
         log.error(
-            "event=publish_dropped topic=%s attempts=%d error=%r", event.topic, ATTEMPTS, last
+            "event=publish_dropped topic=%s attempts=%d error=%r", event.topic, attempt, last
         )
 
     async def _disconnect(self) -> None:

@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from shim import bundle
 from shim import spec as spec_mod
 from shim.config import Config
 from shim.container import AppContainer, SandboxTask, Task, spec_error
@@ -107,18 +108,21 @@ class Pod:
             annotations = spec_mod.annotations_of(spec)
             # No pod hostname: runc leaves the new UTS namespace as it was, the node's.
             hostname = spec_mod.hostname_of(spec) or os.uname().nodename
-            pod_options = spec_mod.pod_options(spec)
+            identity = spec_mod.identify(task.id, annotations)
+            pod_options = spec_mod.PodOptions()  # a container's sysctls are crun's to set
+            if identity.kind is spec_mod.TaskKind.SANDBOX:
+                pod_options = spec_mod.pod_options(spec)
         except spec_mod.SpecError as err:
             raise spec_error(task.id, err) from err
-        identity = spec_mod.identify(task.id, annotations)
-        if identity.kind is not spec_mod.TaskKind.SANDBOX:
-            pod_options = spec_mod.PodOptions()  # a container's sysctls are crun's to set
         if identity.pod_id != self.id:
             raise InvalidArgument(
                 f"create {task.id}: it belongs to pod {identity.pod_id}, this shim serves {self.id}"
             )
         async with self._lock:
             self._check_room(task, identity.kind)
+            await asyncio.to_thread(
+                bundle.record_state_dir, Path(task.bundle), self.id, str(self.config.state_dir)
+            )
             sandbox = self.sandbox
             size = sandbox.size(annotations) if not sandbox.booted else None
             await sandbox.save(

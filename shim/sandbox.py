@@ -4,9 +4,11 @@ The sandbox boots the VM (steps: VMM start, vsock ready, agent connect, guest
 setup; a failure at any step stops what was started and names the step), keeps
 the pod's state file, and provides what containers and resources need of the pod
 (`ContainerContext`, `PodServices`): the agent while the VM runs, the device
-manager, and the record book. It watches the VM and the guest's OOM kills, and
+manager, and the record book. It watches the VM (whose backend also watches its
+helpers), the agent session (shim/session.py) and the guest's OOM kills, and
 reports them through the callbacks it was given; it never reaches into the
-containers.
+containers. An agent lost for good fails the pod: the VMM is stopped, and its
+exit reports every task exited.
 
 State is written off the event loop (the save fsyncs), one save at a time, in
 the order the changes were made.
@@ -15,7 +17,6 @@ the order the changes were made.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from shim.devices import DeviceManager
 from shim.errors import ShimError, Unavailable
 from shim.hostmount import unmount_under
 from shim.resource import step
+from shim.session import AgentSession
 from shim.spec import PodOptions
 from shim.state import PodState, ProcRef, ResourceRecord, StateStore, pod_key
 from shim.vmm.base import Vmm, VmSpec
@@ -76,10 +78,12 @@ class Sandbox:
         self._save_lock = asyncio.Lock()
         self._vmm: Vmm | None = None
         self._devices: DeviceManager | None = None
-        self._agent: AgentClient | None = None
+        self._session: AgentSession | None = None
         self._vm_exit: int | None = None
         self._stopping = False  # the VM is being stopped on purpose
+        self._stop_task: asyncio.Task[None] | None = None
         self._watchers = Background(f"pod-{self.id}")
+        self.failure = ""  # why the pod failed, if it did
 
     # -- persisted state -----------------------------------------------------------------
 
@@ -95,19 +99,25 @@ class Sandbox:
     def work_dir(self) -> Path:
         return Path(self._state.work_dir)
 
-    async def save(self, **changes: Any) -> None:
-        """Write the state with `changes` (in order, off the loop); they take effect only
-        once written, so what the shim holds never runs ahead of what `delete` would find."""
+    async def update(self, change: Callable[[PodState], PodState]) -> None:
+        """Write `change(state)` (in order, off the loop). The change is computed under
+        the lock, from the latest state, and takes effect only once written: what the
+        shim holds never runs ahead of what `delete` would find."""
         async with self._save_lock:
-            state = self._state.replace(**changes) if changes else self._state
+            state = change(self._state)
             await asyncio.to_thread(self._store.save, state)
             self._state = state
 
+    async def save(self, **changes: Any) -> None:
+        await self.update(lambda state: state.replace(**changes))
+
     async def record(self, record: ResourceRecord) -> None:
-        await self.save(resources=(*self._state.resources, record))
+        await self.update(lambda st: st.replace(resources=(*st.resources, record)))
 
     async def forget(self, record_id: str) -> None:
-        await self.save(resources=tuple(r for r in self._state.resources if r.id != record_id))
+        await self.update(
+            lambda st: st.replace(resources=tuple(r for r in st.resources if r.id != record_id))
+        )
 
     # -- the running VM ------------------------------------------------------------------
 
@@ -125,10 +135,16 @@ class Sandbox:
         return self._vmm.pid if self._vmm is not None else 0
 
     def live_agent(self) -> AgentClient | None:
-        agent = self._agent
-        if agent is None or agent.closed or self._vm_exit is not None:
+        if self._session is None or not self.running:
             return None
-        return agent
+        return self._session.live()
+
+    async def wait_agent(self) -> AgentClient | None:
+        """The agent, waiting through a reconnect; None once the VM or the agent is gone."""
+        session = self._session
+        if session is None or not self.running:
+            return None
+        return await session.wait()
 
     def live_devices(self) -> DeviceManager | None:
         return self._devices if self.running else None
@@ -136,7 +152,8 @@ class Sandbox:
     def require_agent(self) -> AgentClient:
         agent = self.live_agent()
         if agent is None:
-            raise Unavailable(f"pod {self.id}: the VM is not running")
+            why = f": {self.failure}" if self.failure else ""
+            raise Unavailable(f"pod {self.id}: the VM is not running{why}")
         return agent
 
     async def wait_vm(self) -> int:
@@ -171,9 +188,10 @@ class Sandbox:
         await asyncio.to_thread(_clear_dir, self.work_dir)
         self._vm_exit = None
         self._stopping = False
+        self.failure = ""
         started = time.monotonic()
         try:
-            agent, info = await self._start(spec, hostname, pod or PodOptions())
+            kernel = await self._start(spec, hostname, pod or PodOptions())
         except BaseException as err:
             await self.stop()
             if isinstance(err, ShimError):
@@ -183,28 +201,40 @@ class Sandbox:
         assert vmm is not None
         log.info(
             "event=vm_ready pod=%s vmm_pid=%d vcpus=%d memory_mib=%d kernel=%s boot_ms=%d",
-            self.id, vmm.pid, size.vcpus, size.memory_mib, info,
+            self.id, vmm.pid, size.vcpus, size.memory_mib, kernel,
             (time.monotonic() - started) * 1000,
         )
         self._watchers.spawn(self._watch_vm(vmm), "vm-watch")
-        self._watchers.spawn(self._watch_oom(agent), "oom-watch")
+        self._watchers.spawn(self._watch_oom(), "oom-watch")
 
-    async def _start(self, spec: VmSpec, hostname: str, pod: PodOptions) -> tuple[AgentClient, str]:
+    async def _start(self, spec: VmSpec, hostname: str, pod: PodOptions) -> str:
         vmm = self._vmm_factory(self.config, spec)
         self._vmm = vmm
-        procs = await step("VMM start", vmm.start())
-        await self.save(
-            vmm=ProcRef(procs.vmm_pid, procs.vmm_start_time),
-            helpers=tuple(ProcRef(pid, st) for pid, st in procs.helper_pids),
-        )
+        await step("VMM start", vmm.start(self._record_process))
         self._devices = DeviceManager(vmm, vmm.hotplug_slots)
         deadline = asyncio.get_running_loop().time() + self.config.agent_startup_timeout_s
         await step("vsock ready", vmm.wait_vsock_ready(deadline))
-        self._agent = await step(
-            "agent connect", self._agent_connect(vmm.agent_socket, self.config.agent_port, deadline)
+        port = self.config.agent_port
+        session = AgentSession(
+            self.id,
+            lambda until: self._agent_connect(vmm.agent_socket, port, until),
+            self._agent_lost,
+            reconnect_s=self.config.agent_reconnect_timeout_s,
+            health_interval_s=self.config.agent_health_interval_s,
+            health_timeout_s=self.config.agent_health_interval_s,
+            health_misses=self.config.agent_health_misses,
         )
-        setup = self._setup_guest(self._agent, hostname, pod)
-        return self._agent, await step("guest setup", setup)
+        self._session = session
+        agent = await step("agent connect", session.open(deadline))
+        return await step("guest setup", self._setup_guest(agent, hostname, pod))
+
+    async def _record_process(self, role: str, pid: int, start_time: int) -> None:
+        """Persist each VMM process as it is spawned: a crash right after leaves no orphan."""
+        ref = ProcRef(pid, start_time)
+        if role == "vmm":
+            await self.save(vmm=ref)
+        else:
+            await self.update(lambda st: st.replace(helpers=(*st.helpers, ref)))
 
     async def _setup_guest(self, agent: AgentClient, hostname: str, pod: PodOptions) -> str:
         info = await agent.guest_info(timeout=GUEST_CALL_TIMEOUT_S)
@@ -223,12 +253,24 @@ class Sandbox:
         return info.kernel_release
 
     async def stop(self) -> None:
-        """Stop the VM and its helpers, then forget them. Idempotent."""
+        """Stop the VM and its helpers, then forget them. Idempotent.
+
+        The work runs in a task of its own, shielded: a caller cancelled half-way (a
+        ttrpc deadline, containerd going away) cannot leave the VM running with its
+        handle forgotten. The handle is dropped only once the VMM is gone.
+        """
+        task = self._stop_task
+        if task is None or task.done():
+            task = self._stop_task = asyncio.get_running_loop().create_task(
+                self._stop(), name=f"pod-{self.id}:stop"
+            )
+        await asyncio.shield(task)
+
+    async def _stop(self) -> None:
         self._stopping = True
-        agent, self._agent = self._agent, None
-        if agent is not None:
-            with contextlib.suppress(Exception):
-                await agent.close()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
         vmm = self._vmm
         if vmm is not None:
             try:
@@ -238,6 +280,19 @@ class Sandbox:
         self._vmm = None
         self._devices = None
         await self.save(vmm=None, helpers=())
+
+    def _agent_lost(self, reason: str) -> None:
+        """The agent is gone for good while the VMM may live on: fail the pod."""
+        self.failure = reason
+        self._watchers.spawn(self._fail(), "fail")
+
+    async def _fail(self) -> None:
+        vmm = self._vmm
+        if vmm is None or self._stopping:
+            return
+        log.error("event=pod_failed pod=%s reason=%r", self.id, self.failure)
+        # Killing the VMM makes its watcher report every task exited.
+        await vmm.shutdown(timeout=1.0)
 
     async def close(self) -> None:
         """Daemon exit: stop the watchers and the VM, remove what the pod left on the host."""
@@ -254,15 +309,20 @@ class Sandbox:
         self._vm_exit = status
         if not self._stopping:
             log.error("event=vm_exited_unexpectedly pod=%s status=%d", self.id, status)
+        if self._session is not None:
+            await self._session.close()
         await self._on_vm_exit(status)
 
-    async def _watch_oom(self, agent: AgentClient) -> None:
-        """Forward the guest's OOM kills, for as long as the agent is up."""
-        while not agent.closed:
+    async def _watch_oom(self) -> None:
+        """Forward the guest's OOM kills, for as long as there is an agent."""
+        while True:
+            agent = await self.wait_agent()
+            if agent is None:
+                return
             try:
                 container_id = await agent.get_oom_event(timeout=POLL_S)
             except Unavailable:
-                return
+                continue  # the session decides whether the agent comes back
             except ShimError as err:
                 log.warning("event=oom_poll_failed pod=%s error=%r", self.id, str(err))
                 await asyncio.sleep(1.0)

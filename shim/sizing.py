@@ -32,9 +32,11 @@ The rules, in order:
      accepted here. 262144 (256 GiB) catches typos (a value in KiB or bytes).
    - kernel_params: appended to the kernel command line. Printable ASCII only
      (a newline, NUL or tab could break the command line or the VMM's argv),
-     balanced double quotes, and no `key=value` whose key the configured
-     `kernel_args` already sets (root=, init=, ... would stop the VM from
-     booting its agent, which shows up only as a timeout).
+     balanced double quotes, and only parameters in KERNEL_PARAMS (or a
+     `sysctl.` one): tuning and debugging knobs. Anything else is refused by
+     name: console=, init=, rdinit=, root= and the like would keep the VM from
+     booting its agent or from reporting it ready, which shows up only as a
+     timeout. None may set a key the configured `kernel_args` already sets.
    Both prefixes are validated even when one is overridden: a bad value is an
    error, never silently dropped. Other keys under the prefixes are ignored
    (Kata has many we do not implement); `ignored_annotations()` lists them.
@@ -66,6 +68,17 @@ MIB = 1 << 20
 # console= parameter, and this leaves them room for it.
 CMDLINE_MAX = 2047
 CMDLINE_RESERVED = 64
+
+# The kernel parameters a pod may add: tuning and debugging, nothing that changes how
+# the guest boots, where its console goes or what runs as init.
+KERNEL_PARAMS = frozenset({
+    "audit", "cgroup.memory", "cgroup_disable", "clocksource", "debug",
+    "default_hugepagesz", "hugepages", "hugepagesz", "ignore_loglevel", "init_on_alloc",
+    "init_on_free", "ipv6.disable", "loglevel", "mitigations", "nmi_watchdog", "nokaslr",
+    "nohz", "page_alloc.shuffle", "printk.devkmsg", "quiet", "random.trust_cpu",
+    "slub_debug", "swapaccount", "transparent_hugepage", "tsc",
+})
+KERNEL_PARAM_PREFIXES = ("sysctl.",)
 
 _UINT32_MAX = 0xFFFFFFFF
 _INT64 = re.compile(r"[+-]?[0-9]+")
@@ -213,6 +226,13 @@ def _kernel_params(key: str, value: str, kernel_args: str) -> str:
     taken = {arg.split("=", 1)[0] for arg in kernel_args.split() if "=" in arg}
     for arg in _split_params(params):
         name = arg.split("=", 1)[0]
+        if name not in KERNEL_PARAMS and not name.startswith(KERNEL_PARAM_PREFIXES):
+            raise _invalid(
+                key,
+                value,
+                f"may not set {name!r}: allowed are {', '.join(sorted(KERNEL_PARAMS))} "
+                f"and sysctl.*",
+            )
         if "=" in arg and name in taken:
             raise _invalid(
                 key,

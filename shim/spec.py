@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import Any
 
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+
+# containerd's identifier rule (pkg/identifiers): what it accepts as a task id.
+_IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
+IDENTIFIER_MAX = 76
 
 PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
@@ -35,9 +40,25 @@ class TaskIdentity:
     kind: TaskKind
 
 
+def check_identifier(what: str, value: str) -> str:
+    """`value` if containerd would accept it as an id; SpecError naming it otherwise.
+
+    Ids become file names and socket keys: `../x` must never get that far.
+    """
+    if len(value) > IDENTIFIER_MAX or not _IDENTIFIER.fullmatch(value):
+        raise SpecError(
+            f"{what} {value!r} is not a valid id: letters and digits, separated by single "
+            f"'.', '_' or '-', at most {IDENTIFIER_MAX} characters"
+        )
+    return value
+
+
 def identify(task_id: str, annotations: Mapping[str, str]) -> TaskIdentity:
-    """Which pod a task belongs to and what role it plays there."""
+    """Which pod a task belongs to and what role it plays there; SpecError for a bad id."""
+    check_identifier("task id", task_id)
     sandbox_id = annotations.get(SANDBOX_ID, "")
+    if sandbox_id:
+        check_identifier(f"annotation {SANDBOX_ID}", sandbox_id)
     kind = annotations.get(CONTAINER_TYPE, "")
     if kind == "sandbox":
         return TaskIdentity(sandbox_id or task_id, TaskKind.SANDBOX)

@@ -174,13 +174,19 @@ class StateStore:
                 direct = self.load(namespace, task_id)
                 if direct is not None:
                     return direct
+        for state in self.states():
+            if state.namespace == namespace and task_id in state.containers:
+                return state
+        return None
+
+    def states(self) -> list[PodState]:
+        """Every readable pod state (unreadable ones are skipped)."""
+        found = []
         with contextlib.suppress(FileNotFoundError):
             for entry in sorted(self.root.iterdir()):
                 with contextlib.suppress(StateError, OSError, ValueError):
-                    state = from_json((entry / STATE_FILE).read_text())
-                    if state.namespace == namespace and task_id in state.containers:
-                        return state
-        return None
+                    found.append(from_json((entry / STATE_FILE).read_text()))
+        return found
 
     def set_aside(self, namespace: str, pod_id: str) -> Path | None:
         """Rename an unreadable state file out of the way, so that it never blocks the

@@ -10,7 +10,8 @@ Targets (chosen by the scheme of the stdout URI, as containerd's runc shim does)
 
 Pumps move bytes with back-pressure and never drop any: output is read from the
 agent by long polls and written out before the next poll; stdin is resent until
-the agent took all of it. A process' exit is reported only after `drain()`.
+the agent took all of it. A process' exit is reported only after `drain()` says all
+of its output was written out, however long that takes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from shim.errors import InvalidArgument
 from shim.types import StdioSpec
@@ -54,27 +55,77 @@ class OutputPlan:
 
 
 def plan_output(spec: StdioSpec) -> OutputPlan:
+    """Where a task's output goes, from its stdout URI (stderr's for a stderr-only task).
+
+    As containerd's shims read them: a value with no scheme is a FIFO path; `fifo://`,
+    `file://` and `binary://`/`binary-v2://` are URLs whose path is percent-decoded.
+    Stricter where containerd is loose: paths must be absolute and a URL must name no
+    host (`file://etc/passwd` would mean /passwd to containerd: a typo here is refused,
+    not obeyed). Anything else is an InvalidArgument naming the URI.
+    """
     if not spec.stdout and not spec.stderr:
         return OutputPlan("null")
     uri = spec.stdout or spec.stderr
-    parts = urlsplit(uri)
-    scheme = parts.scheme
+    scheme, path, query = _split_uri(uri, "stdout" if spec.stdout else "stderr")
     if scheme in ("", "fifo"):
-        return OutputPlan("fifo", spec.stdout, spec.stderr)
+        stderr = _split_uri(spec.stderr, "stderr")[1] if spec.stderr else ""
+        return OutputPlan("fifo", path if spec.stdout else "", stderr)
     if scheme == "file":
-        if not parts.path:
-            raise InvalidArgument(f"stdio URI {uri!r}: file:// needs an absolute path")
-        return OutputPlan("file", parts.path)
-    if scheme in ("binary", "binary-v2"):
-        if not parts.path:
-            raise InvalidArgument(f"stdio URI {uri!r}: {scheme}:// needs the logger's path")
-        args: list[str] = []
-        for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            args.append(key)
-            if value:
-                args.append(value)
-        return OutputPlan("binary", parts.path, args=tuple(args), ready_byte=scheme == "binary-v2")
-    raise InvalidArgument(f"unknown STDIO scheme {scheme!r} in {uri!r}")
+        return OutputPlan("file", path)
+    args: list[str] = []
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        args.append(key)
+        if value:
+            args.append(value)
+    return OutputPlan("binary", path, args=tuple(args), ready_byte=scheme == "binary-v2")
+
+
+SCHEMES = ("fifo", "file", "binary", "binary-v2")
+
+
+def _split_uri(uri: str, role: str) -> tuple[str, str, str]:
+    """(scheme, decoded absolute path, query) of a stdio value; InvalidArgument if it is
+    not one of the forms containerd writes."""
+    what = f"{role} {uri!r}"
+    if "\0" in uri:
+        raise InvalidArgument(f"{what}: contains a NUL byte")
+    if uri.startswith("/"):
+        return "", uri, ""  # a FIFO path, used as it is (containerd does not decode it)
+    parts = urlsplit(uri)
+    if parts.scheme not in SCHEMES:
+        if not parts.scheme:
+            raise InvalidArgument(f"{what}: a FIFO path must be absolute")
+        allowed = ", ".join(f"{s}://" for s in SCHEMES)
+        raise InvalidArgument(
+            f"{what}: unknown STDIO scheme {parts.scheme!r} (allowed: a FIFO path, {allowed})"
+        )
+    if not uri.startswith(f"{parts.scheme}://"):
+        raise InvalidArgument(f"{what}: must be {parts.scheme}:///absolute/path")
+    if parts.netloc:
+        raise InvalidArgument(
+            f"{what}: names host {parts.netloc!r}; a {parts.scheme}:// URI takes an absolute "
+            f"path and no host ({parts.scheme}:///path)"
+        )
+    path = unquote(parts.path)
+    if "\0" in path:
+        raise InvalidArgument(f"{what}: contains a NUL byte")
+    if not path.startswith("/"):
+        raise InvalidArgument(f"{what}: the path must be absolute")
+    if parts.fragment or (parts.query and not parts.scheme.startswith("binary")):
+        raise InvalidArgument(f"{what}: only binary:// URIs take a query, none a fragment")
+    if parts.scheme != "fifo" and path.endswith("/"):
+        raise InvalidArgument(f"{what}: names a directory, not a file")
+    return parts.scheme, path, parts.query
+
+
+def stdin_path(spec: StdioSpec) -> str:
+    """The stdin FIFO's path ("" for none); InvalidArgument if it is not a FIFO path."""
+    if not spec.stdin:
+        return ""
+    scheme, path, _ = _split_uri(spec.stdin, "stdin")
+    if scheme not in ("", "fifo"):
+        raise InvalidArgument(f"stdin {spec.stdin!r}: must be a FIFO path, not {scheme}://")
+    return path
 
 
 # -- host fds ---------------------------------------------------------------------------
@@ -256,8 +307,9 @@ class ProcessIO:
                 self._stderr = self._stdout
             elif plan.kind == "binary":
                 await self._start_logger(plan)
-            if self.spec.stdin:
-                self._stdin = FdReader(open_stdin_fifo(self.spec.stdin), self.spec.stdin)
+            stdin = stdin_path(self.spec)
+            if stdin:
+                self._stdin = FdReader(open_stdin_fifo(stdin), stdin)
         except BaseException:
             await self.close()
             raise

@@ -12,6 +12,7 @@ remove the directory".
 from __future__ import annotations
 
 import abc
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +66,22 @@ class VmProcesses:
     helper_pids: tuple[tuple[int, int], ...] = ()  # (pid, start_time), e.g. vhost-device-vsock
 
 
+# (role: "vmm" or a helper's name, pid, start time): called as each process is spawned,
+# so the caller can persist it before anything else can go wrong.
+ProcessSpawned = Callable[[str, int, int], Awaitable[None]]
+
+
+async def ignore_process(role: str, pid: int, start_time: int) -> None:
+    del role, pid, start_time
+
+
 class Vmm(abc.ABC):
     """One VM and the host processes behind it."""
 
     @abc.abstractmethod
-    async def start(self) -> VmProcesses:
-        """Launch the VMM and boot the guest. Raises VmmError; leaves nothing behind on failure."""
+    async def start(self, on_process: ProcessSpawned = ignore_process) -> VmProcesses:
+        """Launch the VMM and boot the guest. Raises VmmError; leaves nothing behind on
+        failure. `on_process` hears of every host process the moment it exists."""
 
     @property
     @abc.abstractmethod
@@ -116,4 +127,6 @@ class Vmm(abc.ABC):
 
     @abc.abstractmethod
     async def wait(self) -> int:
-        """Wait for the VMM process to exit; returns its exit status."""
+        """Wait for the VM to be gone; returns the VMM's exit status. A helper the VM
+        cannot run without (its vsock backend) dying counts: the backend then stops the
+        VMM itself."""

@@ -25,7 +25,17 @@ from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from shim.vmm.base import DiskSpec, NetSpec, Vmm, VmmError, VmProcesses, VmSpec
+from shim.vmm.base import (
+    DiskSpec,
+    NetSpec,
+    ProcessSpawned,
+    Vmm,
+    VmmError,
+    VmProcesses,
+    VmSpec,
+    ignore_process,
+)
+from shim.vmm.console import ConsoleLog
 from shim.vmm.procs import process_start_time
 
 log = logging.getLogger(__name__)
@@ -56,6 +66,7 @@ class QemuVmm(Vmm):
         self._qmp: QMPClient | None = None
         self._exit_status: int | None = None
         self._reaper: asyncio.Task[int] | None = None
+        self._console = ConsoleLog(self._dir / "console.log")
 
     # -- paths -------------------------------------------------------------
     @property
@@ -72,7 +83,11 @@ class QemuVmm(Vmm):
 
     @property
     def console_log(self) -> Path:
-        return self._dir / "console.log"
+        return self._console.path
+
+    @property
+    def _console_socket(self) -> Path:
+        return self._dir / "console.sock"
 
     @property
     def pid(self) -> int:
@@ -100,7 +115,8 @@ class QemuVmm(Vmm):
             # vhost-user needs guest memory the backend can map: a shared memfd.
             "-object", f"memory-backend-memfd,id=mem0,size={mem},share=on",
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-serial", f"file:{self.console_log}",
+            "-chardev", f"socket,id=console0,path={self._console_socket},server=on,wait=off",
+            "-serial", "chardev:console0",
             "-kernel", str(spec.kernel),
             "-append", f"console=ttyS0 {spec.kernel_args}",
             "-drive", f"file={spec.rootfs},if=none,id=rootfs,format=raw,readonly=on",
@@ -113,9 +129,10 @@ class QemuVmm(Vmm):
             cmd += ["-device", f"pcie-root-port,id=rp{index},bus=pcie.0,chassis={index + 1},slot=0"]
         return cmd
 
-    async def start(self) -> VmProcesses:
+    async def start(self, on_process: ProcessSpawned = ignore_process) -> VmProcesses:
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for stale in (self.agent_socket, self._vhost_socket, self._qmp_socket):
+        sockets = (self.agent_socket, self._vhost_socket, self._qmp_socket, self._console_socket)
+        for stale in sockets:
             stale.unlink(missing_ok=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10.0
@@ -129,6 +146,7 @@ class QemuVmm(Vmm):
                 ],
                 self._dir / "vsock.log",
             )
+            await _announce(on_process, "vhost-device-vsock", self._vsock.pid)
             await self._wait_for_path(
                 self._vhost_socket, self._vsock, "vhost-device-vsock", deadline
             )
@@ -138,6 +156,9 @@ class QemuVmm(Vmm):
             log.info("event=vmm_launch vmm=qemu dir=%s", self._dir)
             self._qemu = await _spawn(argv, self._dir / "qemu.log")
             self._reaper = asyncio.create_task(self._reap())
+            await _announce(on_process, "vmm", self._qemu.pid)
+            await self._wait_for_path(self._console_socket, self._qemu, "QEMU", deadline)
+            await self._console.attach(self._console_socket, deadline)
             self._qmp = await self._connect_qmp(deadline)
         except BaseException as error:
             detail = self._log_tail()
@@ -202,12 +223,27 @@ class QemuVmm(Vmm):
         if self._reaper is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        await self._console.close()
         await asyncio.to_thread(shutil.rmtree, self._dir, ignore_errors=True)
 
     async def _reap(self) -> int:
-        """Owns QEMU's exit: records the status and takes the vsock backend down with it."""
+        """Owns the VM's end: QEMU's exit, or the vsock backend's, which the VM cannot
+        live without (the agent is unreachable): then QEMU is killed. Either way both
+        go, and QEMU's status is returned."""
         assert self._qemu is not None
-        status = await self._qemu.wait()
+        qemu = asyncio.ensure_future(self._qemu.wait())
+        waits: set[asyncio.Future[int]] = {qemu}
+        if self._vsock is not None:
+            waits.add(asyncio.ensure_future(self._vsock.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not qemu.done():
+            log.error(
+                "event=vsock_backend_exited status=%s dir=%s: stopping QEMU",
+                self._vsock.returncode if self._vsock else None, self._dir,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                self._qemu.kill()
+        status = await qemu
         self._exit_status = status
         if self._vsock is not None and self._vsock.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -218,7 +254,9 @@ class QemuVmm(Vmm):
             if self._vsock.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     self._vsock.kill()
-                await self._vsock.wait()
+        for pending in waits:
+            with contextlib.suppress(ProcessLookupError):
+                await pending
         log.info("event=vmm_exit vmm=qemu status=%s dir=%s", status, self._dir)
         return status
 
@@ -232,27 +270,14 @@ class QemuVmm(Vmm):
         the guest's vsock driver was up. Dialling once the agent has said it
         listens avoided it (0 in 80). The console is ours: the agent's own line.
         """
-        loop = asyncio.get_running_loop()
-        seen = b""
-        offset = 0
-        while AGENT_READY_MARK not in seen:
-            with contextlib.suppress(FileNotFoundError):
-                with open(self.console_log, "rb") as console:
-                    console.seek(offset)
-                    chunk = console.read()
-                offset += len(chunk)
-                seen = seen[-len(AGENT_READY_MARK) :] + chunk
-            if AGENT_READY_MARK in seen:
-                return
-            if self._qemu is not None and self._qemu.returncode is not None:
-                raise VmmError(f"QEMU exited with {self._qemu.returncode} during boot")
-            if loop.time() >= deadline:
-                tail = self.console_log.read_bytes()[-300:] if self.console_log.exists() else b""
-                raise VmmError(
-                    "the agent did not report ready on the console before the deadline; "
-                    f"console ends with {tail!r}"
-                )
-            await asyncio.sleep(0.01)
+        if await self._console.wait_for(AGENT_READY_MARK, deadline):
+            return
+        if self._qemu is not None and self._qemu.returncode is not None:
+            raise VmmError(f"QEMU exited with {self._qemu.returncode} during boot")
+        raise VmmError(
+            "the agent did not report ready on the console before the deadline; "
+            f"console ends with {self._console.tail()!r}"
+        )
 
     # -- devices -----------------------------------------------------------
     async def add_disk(self, disk: DiskSpec, slot: int) -> None:
@@ -348,6 +373,12 @@ class QemuVmm(Vmm):
                 if text:
                     lines.append(f"{name}: {text.splitlines()[-1]}")
         return ("; " + "; ".join(lines)) if lines else ""
+
+
+async def _announce(on_process: ProcessSpawned, role: str, pid: int) -> None:
+    start_time = process_start_time(pid)
+    if start_time is not None:
+        await on_process(role, pid, start_time)
 
 
 def _is_block(path: Path) -> bool:

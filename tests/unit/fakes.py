@@ -14,9 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from shim.agent import ExitStatus, GuestInfo, Output
-from shim.errors import Internal, NotFound, ShimError, Unavailable
+from shim.errors import DeadlineExceeded, Internal, NotFound, ShimError, Unavailable
 from shim.state import PodState, StateStore
-from shim.vmm.base import DiskSpec, NetSpec, Vmm, VmmError, VmProcesses, VmSpec
+from shim.vmm.base import (
+    DiskSpec,
+    NetSpec,
+    ProcessSpawned,
+    Vmm,
+    VmmError,
+    VmProcesses,
+    VmSpec,
+    ignore_process,
+)
 
 
 @dataclass
@@ -40,6 +49,9 @@ class FakeVmm(Vmm):
         self.disks: dict[str, DiskSpec] = {}
         self.slots: dict[str, int] = {}
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.spawned = asyncio.Event()
+        self.spawned.set()
+        self.shutdown_delay = 0.0
 
     @property
     def agent_socket(self) -> Path:
@@ -53,7 +65,10 @@ class FakeVmm(Vmm):
     def hotplug_slots(self) -> int:
         return 2
 
-    async def start(self) -> VmProcesses:
+    async def start(self, on_process: ProcessSpawned = ignore_process) -> VmProcesses:
+        await on_process("vhost-device-vsock", 4241, 1)
+        await self.spawned.wait()  # a test may hold the start here
+        await on_process("vmm", self.pid, 1)
         self._failures.check("start")
         self.started = True
         return VmProcesses(vmm_pid=self.pid, vmm_start_time=1)
@@ -81,6 +96,7 @@ class FakeVmm(Vmm):
         raise VmmError("no NICs in the fake")
 
     async def shutdown(self, timeout: float = 5.0) -> None:
+        await asyncio.sleep(self.shutdown_delay)
         self.stopped = True
         if not self._exit.done():
             self._exit.set_result(0)
@@ -98,13 +114,26 @@ class FakeAgent:
 
     def __init__(self, failures: Failures) -> None:
         self._failures = failures
-        self.closed = False
+        self._closed = asyncio.Event()
+        self.hung = False
         self.mounts: dict[str, str] = {}  # target -> serial
         self.files: dict[str, bytes] = {}  # guest path -> data
         self.containers: set[str] = set()
         self.started: set[str] = set()
         self.exits: dict[tuple[str, str], asyncio.Future[ExitStatus]] = {}
+        self.stdout: dict[tuple[str, str], list[bytes]] = {}  # what the process printed
         self.hostname = ""
+
+    def reconnect(self) -> FakeAgent:
+        """A new connection to the same guest (its containers, files and exits)."""
+        other = FakeAgent(self._failures)
+        other.mounts, other.files, other.containers = self.mounts, self.files, self.containers
+        other.started, other.exits, other.stdout = self.started, self.exits, self.stdout
+        return other
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
 
     def _call(self, method: str) -> None:
         if self.closed:
@@ -112,7 +141,17 @@ class FakeAgent:
         self._failures.check(method)
 
     async def close(self) -> None:
-        self.closed = True
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def health(self, *, timeout: float | None = None) -> bool:
+        self._call("health")
+        if self.hung:
+            await asyncio.sleep(timeout or 0)
+            raise DeadlineExceeded("Health: deadline exceeded")
+        return True
 
     async def guest_info(self, *, timeout: float | None = None) -> GuestInfo:
         self._call("guest_info")
@@ -176,11 +215,18 @@ class FakeAgent:
         self, container_id: str, exec_id: str, *, timeout: float
     ) -> ExitStatus | None:
         self._call("wait_process")
-        try:
-            async with asyncio.timeout(timeout):
-                return await asyncio.shield(self._exit(container_id, exec_id))
-        except TimeoutError:
-            return None
+        closed = asyncio.ensure_future(self._closed.wait())
+        exited = asyncio.ensure_future(asyncio.shield(self._exit(container_id, exec_id)))
+        done, _ = await asyncio.wait(
+            {closed, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        closed.cancel()
+        exited.cancel()
+        if exited in done:
+            return exited.result()
+        if closed in done:
+            raise Unavailable("agent connection closed")
+        return None
 
     def finish(self, container_id: str, status: int, exec_id: str = "") -> None:
         self._exit(container_id, exec_id).set_result(ExitStatus(status, 1))
@@ -192,6 +238,9 @@ class FakeAgent:
             future.set_result(ExitStatus(128 + signal, 1))
 
     async def read_stdout(self, container_id: str, exec_id: str, **_: Any) -> Output:
+        chunks = self.stdout.get((container_id, exec_id))
+        if chunks:
+            return Output(chunks.pop(0), eof=False)
         return Output(b"", eof=True)
 
     async def read_stderr(self, container_id: str, exec_id: str, **_: Any) -> Output:

@@ -170,6 +170,38 @@ def test_sigkill_then_delete_leaves_nothing(
     assert again.returncode == 0
 
 
+def test_delete_cleans_up_after_the_config_broke(
+    setup: tuple[Path, dict[str, str], list[str]], tmp_path: Path
+) -> None:
+    """What crash cleanup needs is in the bundle: an edited config cannot stop it."""
+    bundle, env, flags = setup
+    out = _shim(bundle, *flags, "start", env=env)
+    assert out.returncode == 0, out.stderr
+    os.kill(_pid_of(out.stdout.decode()), signal.SIGKILL)
+    time.sleep(0.2)
+    (tmp_path / "config.json").write_text('{"vmm": "vbox"')
+    deleted = _shim(bundle, *flags, "-bundle", str(bundle), "delete", env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert list((tmp_path / "state").iterdir()) == []
+
+
+def test_delete_of_a_traversal_id_is_a_warning(
+    setup: tuple[Path, dict[str, str], list[str]], tmp_path: Path
+) -> None:
+    bundle, env, flags = setup
+    annotations = {
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-id": "../../etc",
+    }
+    (bundle / "config.json").write_text(json.dumps({"annotations": annotations}))
+    deleted = _shim(bundle, *flags, "-bundle", str(bundle), "delete", env=env)
+    assert deleted.returncode == 0
+    assert b"Traceback" not in deleted.stderr
+    assert b"'../../etc' is not a valid id" in deleted.stderr
+    started = _shim(bundle, *flags, "start", env=env)
+    assert started.returncode == 1 and b"'../../etc' is not a valid id" in started.stderr
+
+
 def test_bad_config_fails_start_clearly(
     setup: tuple[Path, dict[str, str], list[str]], tmp_path: Path
 ) -> None:

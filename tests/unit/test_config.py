@@ -163,3 +163,19 @@ def test_daemon_import_path_stays_light() -> None:
     # Also kept off on purpose: argparse (+gettext) and ctypes.util (+tempfile) ~0.5 MiB.
     heavy |= {"argparse", "ctypes.util", "tempfile"}
     assert sorted(heavy & loaded) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b'{"vmm": "qemu\xff"}', r"not UTF-8 \(byte 13"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b" " * (2 << 20), "more than a config can be"),
+    ],
+)
+def test_unreadable_config_is_a_named_error(tmp_path: Path, content: bytes, why: str) -> None:
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    with pytest.raises(config.ConfigError, match=why) as err:
+        config.load(path)
+    assert str(path) in str(err.value)

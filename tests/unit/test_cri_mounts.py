@@ -117,6 +117,11 @@ def test_cri_default_mounts(tmp_path: Path) -> None:
         gid=gid,
         size=len("127.0.0.1 localhost\n"),
         mtime_ns=st.st_mtime_ns,
+        root=str(sandbox / "hosts"),
+        root_dev=st.st_dev,
+        root_ino=st.st_ino,
+        dev=st.st_dev,
+        ino=st.st_ino,
     )
     assert result.copies[0].mode == 0o600
     assert [c.host_path for c in result.copies] == [
@@ -327,5 +332,42 @@ def test_read_copy_refuses_a_grown_or_replaced_file(tmp_path: Path) -> None:
         read_copy(copy, max_bytes=10)
     path.unlink()
     os.mkfifo(path)
-    with pytest.raises(InvalidArgument, match="no longer a regular file"):
+    # tmpfs may hand the FIFO the freed inode number: either check refuses it.
+    with pytest.raises(InvalidArgument, match="replaced since the scan|no longer a regular file"):
+        read_copy(copy)
+
+
+def test_read_copy_never_follows_a_symlink_swapped_in(tmp_path: Path) -> None:
+    """Scan, then swap a file for a symlink to a secret: the secret never reaches the VM."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root-only")
+    secret.chmod(0o600)
+    volume = tmp_path / "vol"
+    (volume / "sub").mkdir(parents=True)
+    (volume / "sub" / "a").write_bytes(b"public")
+    (volume / "top").write_bytes(b"public")
+    copies = {c.host_path: c for c in plan([bind(volume, "/data")]).copies}
+    nested, flat = copies[str(volume / "sub" / "a")], copies[str(volume / "top")]
+    assert read_copy(nested) == b"public" and read_copy(flat) == b"public"
+
+    (volume / "top").unlink()
+    (volume / "top").symlink_to(secret)
+    with pytest.raises(InvalidArgument, match="a symlink now stands on its path"):
+        read_copy(flat)
+    # A directory on the way swapped for a symlink to another tree with the same names.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a").write_bytes(b"root-only")
+    (volume / "sub" / "a").unlink()
+    (volume / "sub").rmdir()
+    (volume / "sub").symlink_to(elsewhere)
+    with pytest.raises(InvalidArgument, match="a symlink now stands on its path"):
+        read_copy(nested)
+    # A single-file mount whose source is swapped: same path, another inode.
+    single = tmp_path / "hosts"
+    single.write_bytes(b"127.0.0.1 localhost\n")
+    copy = plan([bind(single, "/etc/hosts")]).copies[0]
+    single.unlink()
+    single.symlink_to(secret)
+    with pytest.raises(InvalidArgument, match="replaced since the scan"):
         read_copy(copy)

@@ -8,7 +8,9 @@ the persisted state matches what is left, and the pod still works afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,11 @@ import pytest
 
 from shim import config as config_mod
 from shim import spec as spec_mod
-from shim.errors import Internal, ShimError, Unavailable
+from shim.errors import Internal, NotFound, ShimError, Unavailable
 from shim.events import Event, Publisher, TaskExit
 from shim.pod import Pod
 from shim.state import PodState
-from shim.types import CreateTask, Mount, StdioSpec
+from shim.types import CreateTask, ExecTask, Mount, StdioSpec
 from shim.vmm.base import VmmError, VmSpec
 from tests.unit.fakes import Failures, FakeAgent, FakeVmm, FlakyStore
 
@@ -48,6 +50,9 @@ class Harness:
         self.config = config_mod.parse(
             {
                 "vmm": "qemu",
+                "agent_reconnect_timeout_s": 0.5,
+                "agent_health_interval_s": 0.2,
+                "agent_health_misses": 2,
                 "kernel_path": "/k",
                 "rootfs_path": "/r",
                 "kernel_args": "quiet",
@@ -73,7 +78,10 @@ class Harness:
 
     async def _connect(self, socket: Path, port: int, deadline: float) -> Any:
         self.failures.check("agent_connect")
-        self.agent = FakeAgent(self.failures)
+        if self.agent is not None and not self.vmm.stopped and self.agent.closed:
+            self.agent = self.agent.reconnect()  # the same VM: a new connection
+        else:
+            self.agent = FakeAgent(self.failures)
         return self.agent
 
     @property
@@ -247,3 +255,184 @@ async def test_vm_crash_reports_every_running_process_exited(harness: Harness) -
     await harness.pod.delete("c1", "")
     await harness.pod.delete(POD, "")
     assert harness.images() == [] and harness.persisted().resources == ()
+
+
+async def test_vmm_processes_are_persisted_before_start_returns(harness: Harness) -> None:
+    """A shim killed while the VMM starts leaves pids that delete can find."""
+    seen: list[tuple[int, ...]] = []
+    original = harness._vmm
+
+    def factory(config: config_mod.Config, spec: VmSpec) -> FakeVmm:
+        vmm = original(config, spec)
+        vmm.spawned.clear()
+        return vmm
+
+    harness.pod.sandbox._vmm_factory = factory
+    boot = asyncio.create_task(harness.create_sandbox())
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        state = harness.store.load("default", POD)
+        if state is not None and state.helpers:
+            seen.append(tuple(h.pid for h in state.helpers))
+            break
+    assert seen == [(4241,)], "the helper was not persisted while the start was in progress"
+    harness.vmm.spawned.set()
+    await boot
+
+
+async def test_cancelled_stop_still_stops_the_vm(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.pod.start(POD, "")
+    harness.vmm.shutdown_delay = 0.3
+    kill = asyncio.create_task(harness.pod.kill(POD, "", 15, False))
+    await asyncio.sleep(0.05)
+    kill.cancel()  # what the ttrpc server does at a deadline or when containerd goes
+    with pytest.raises(asyncio.CancelledError):
+        await kill
+    assert harness.pod.sandbox.booted, "the VM handle was dropped before it was stopped"
+    await asyncio.sleep(0.5)
+    assert harness.vmm.stopped
+    state = harness.persisted()
+    assert state.vmm is None and state.helpers == ()
+
+
+async def test_dropped_agent_connection_is_reestablished(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.create_container("c1")
+    await harness.pod.start("c1", "")
+    first = harness.agent
+    assert first is not None
+    await first.close()  # the vsock path dropped; the agent lives on
+    for _ in range(50):
+        if harness.agent is not first:
+            break
+        await asyncio.sleep(0.02)
+    assert harness.agent is not first
+    harness.agent.finish("c1", 3)  # the process exits after the reconnect
+    exit_ = await asyncio.wait_for(harness.pod.wait("c1", ""), 5)
+    assert exit_.status == 3
+    assert not harness.vmm.stopped
+
+
+async def test_lost_agent_fails_the_pod_in_bounded_time(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.pod.start(POD, "")
+    await harness.create_container("c1")
+    await harness.pod.start("c1", "")
+    assert harness.agent is not None
+    harness.failures.pending["agent_connect"] = Unavailable("nobody listens")
+    await harness.agent.close()
+    exit_ = await asyncio.wait_for(harness.pod.wait("c1", ""), 5)
+    assert exit_.status == 255
+    assert (await asyncio.wait_for(harness.pod.wait(POD, ""), 5)).status == 255
+    assert harness.vmm.stopped
+    with pytest.raises(Unavailable, match="did not come back"):
+        harness.pod.sandbox.require_agent()  # what every later call that needs it hears
+
+
+async def test_hung_agent_fails_the_pod_in_bounded_time(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.create_container("c1")
+    await harness.pod.start("c1", "")
+    assert harness.agent is not None
+    harness.agent.hung = True
+    exit_ = await asyncio.wait_for(harness.pod.wait("c1", ""), 5)
+    assert exit_.status == 255 and harness.vmm.stopped
+    assert "Health" in harness.pod.sandbox.failure
+
+
+def _slow_logger(tmp: Path) -> str:
+    """A binary:// logger that takes 0.3 s to say it is ready: Exec awaits it."""
+    script = tmp / "slow-logger"
+    script.write_text(
+        "#!/bin/sh\nsleep 0.3\nexec 5>&-\ncat <&3 >/dev/null & cat <&4 >/dev/null\nwait\n"
+    )
+    script.chmod(0o755)
+    return f"binary://{script}"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _loggers(tmp: Path) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(tmp).encode() in cmdline and b"slow-logger" in cmdline:
+            found.append(pid)
+    return found
+
+
+async def test_concurrent_execs_of_one_id_one_wins_nothing_leaks(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.create_container("c1")
+    await harness.pod.start("c1", "")
+    baseline = _open_fds()
+    stdio = StdioSpec(stdout=_slow_logger(harness.tmp))
+    task = ExecTask("c1", "e1", stdio, b'{"args": ["true"]}')
+    results = await asyncio.gather(
+        harness.pod.exec(task), harness.pod.exec(task), return_exceptions=True
+    )
+    assert sorted(type(r).__name__ for r in results) == ["AlreadyExists", "NoneType"]
+    await harness.pod.delete("c1", "e1")
+    assert _open_fds() == baseline
+    assert _loggers(harness.tmp) == []
+
+
+async def test_exec_racing_a_delete_is_refused_and_leaks_nothing(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.create_container("c1")
+    await harness.pod.start("c1", "")
+    baseline = _open_fds()
+    stdio = StdioSpec(stdout=_slow_logger(harness.tmp))
+    exec_ = asyncio.create_task(harness.pod.exec(ExecTask("c1", "e1", stdio, b"{}")))
+    await asyncio.sleep(0.1)  # the exec is opening its logger
+    await harness.pod.kill("c1", "", 9, False)
+    await harness.pod.wait("c1", "")
+    await harness.pod.delete("c1", "")
+    with pytest.raises(NotFound):
+        await exec_
+    assert "c1" not in harness.pod.containers
+    assert _open_fds() == baseline
+    assert _loggers(harness.tmp) == []
+
+
+async def test_exit_waits_for_a_slow_reader_and_no_output_is_lost(harness: Harness) -> None:
+    """The reader of stdout pauses 6 s after the process exited: all 1 MiB arrives, and
+    the exit is reported only then (it used to give up after 5 s and drop the rest)."""
+    await harness.create_sandbox()
+    fifo = harness.tmp / "stdout"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    hosts = harness.tmp / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    bundle = harness.bundle("c1", {spec_mod.CONTAINER_TYPE: "container", spec_mod.SANDBOX_ID: POD})
+    await harness.pod.create(
+        CreateTask("c1", bundle, harness.rootfs("c1"), StdioSpec(stdout=str(fifo)))
+    )
+    assert harness.agent is not None
+    payload = os.urandom(1 << 20)
+    chunks = [payload[i : i + 65536] for i in range(0, len(payload), 65536)]
+    harness.agent.stdout[("c1", "")] = chunks
+    harness.agent.finish("c1", 0)
+    await harness.pod.start("c1", "")
+    waiter = asyncio.create_task(harness.pod.wait("c1", ""))
+    await asyncio.sleep(6.0)
+    assert not waiter.done(), "the exit was reported before the output was delivered"
+    got = bytearray()
+    while not waiter.done() or len(got) < len(payload):
+        try:
+            chunk = os.read(reader, 1 << 16)
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+            continue
+        got += chunk
+        if not chunk:
+            break
+    assert (await waiter).status == 0
+    os.close(reader)
+    assert bytes(got) == payload

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from shim.cleanup import cleanup
+from shim.cleanup import cleanup, collect_orphan_work_dirs
 from shim.state import (
     PodState,
     ProcRef,
@@ -137,3 +138,21 @@ def test_pod_key_keeps_socket_paths_short() -> None:
     sock = Path("/run/cloudhv-test-state-dir-0123456789") / key / "vm" / "vhost-vsock.sock_1024"
     assert len(str(sock)) < 107
     assert "/" not in pod_key("ns", "a b\u00e9c")
+
+
+def test_orphan_work_dirs_are_collected_and_owned_ones_kept(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    disks = tmp_path / "disks"
+    live, dead, orphan, young = (disks / name for name in ("live", "dead", "orphan", "young"))
+    for directory in (live, dead, orphan, young):
+        directory.mkdir(parents=True)
+        (directory / "c1.ext4").write_bytes(b"image")
+    old = time.time() - 3600
+    for directory in (live, dead, orphan):
+        os.utime(directory, (old, old))
+    me = ProcRef(os.getpid(), process_start_time(os.getpid()) or 0)
+    store.save(PodState(pod_id="a", namespace="ns", daemon=me, work_dir=str(live)))
+    store.save(PodState(pod_id="b", namespace="ns", daemon=ProcRef(1, 1), work_dir=str(dead)))
+    done = collect_orphan_work_dirs(store, disks)
+    assert done == [f"removed orphan {orphan}"]
+    assert live.exists() and dead.exists() and young.exists() and not orphan.exists()

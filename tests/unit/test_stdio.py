@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from shim.errors import InvalidArgument
-from shim.stdio import TTY_SIZE_WAIT_S, Guest, OutputPlan, ProcessIO, plan_output
+from shim.stdio import TTY_SIZE_WAIT_S, Guest, OutputPlan, ProcessIO, plan_output, stdin_path
 from shim.types import StdioSpec
 
 
@@ -26,7 +26,7 @@ def test_plan_null() -> None:
 def test_plan_fifo_default_scheme() -> None:
     plan = plan_output(StdioSpec("/in", "/out", "/err"))
     assert plan == OutputPlan("fifo", "/out", "/err")
-    assert plan_output(StdioSpec(stdout="fifo:///x")).kind == "fifo"
+    assert plan_output(StdioSpec(stdout="fifo:///x")) == OutputPlan("fifo", "/x")
 
 
 def test_plan_file() -> None:
@@ -46,6 +46,37 @@ def test_plan_binary_args_in_order() -> None:
 def test_plan_unknown_scheme() -> None:
     with pytest.raises(InvalidArgument, match="unknown STDIO scheme 'http'"):
         plan_output(StdioSpec(stdout="http://example.com/x"))
+
+
+def test_plan_decodes_percent_escapes() -> None:
+    assert plan_output(StdioSpec(stdout="file:///var/log/a%20b.log")).stdout == "/var/log/a b.log"
+    plan = plan_output(StdioSpec(stdout="binary:///opt/my%20logger?k=a%26b"))
+    assert plan.stdout == "/opt/my logger" and plan.args == ("k", "a&b")
+
+
+@pytest.mark.parametrize(
+    ("uri", "why"),
+    [
+        ("file://etc/passwd", "names host 'etc'"),
+        ("file:x", "must be file:///absolute/path"),
+        ("file:///", "names a directory"),
+        ("relative/fifo", "a FIFO path must be absolute"),
+        ("binary://host/usr/bin/logger", "names host 'host'"),
+        ("file:///log?x=1", "only binary:// URIs take a query"),
+        ("file:///a%00b", "contains a NUL byte"),
+    ],
+)
+def test_plan_refuses_what_containerd_never_writes(uri: str, why: str) -> None:
+    with pytest.raises(InvalidArgument, match=why) as raised:
+        plan_output(StdioSpec(stdout=uri))
+    assert repr(uri) in str(raised.value)
+
+
+def test_stdin_must_be_a_fifo_path() -> None:
+    assert stdin_path(StdioSpec(stdin="/run/x/stdin")) == "/run/x/stdin"
+    assert stdin_path(StdioSpec()) == ""
+    with pytest.raises(InvalidArgument, match="stdin 'file:///x': must be a FIFO path"):
+        stdin_path(StdioSpec(stdin="file:///x"))
 
 
 class ScriptedGuest:
