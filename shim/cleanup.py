@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from shim import cgroups
 from shim.hostmount import unmount_under
 from shim.rootfs import disk
 from shim.state import PodState, ResourceRecord, StateStore
@@ -26,6 +27,7 @@ HostUndo = Callable[[ResourceRecord], list[str]]
 # Each resource kind's host-side undo, from its record alone.
 HOST_UNDO: dict[str, HostUndo] = {
     disk.KIND: disk.undo_host,
+    cgroups.KIND: cgroups.undo_host,
 }
 
 
@@ -44,7 +46,10 @@ def cleanup(state: PodState, store: StateStore, *, keep_socket: bool = False) ->
         if undo is None:
             done.append(f"resource {record.id}: unknown kind {record.kind!r}, left alone")
             continue
-        done += undo(record)
+        try:
+            done += undo(record)
+        except OSError as err:  # one resource must not keep the others
+            done.append(f"resource {record.id}: {err}")
     dirs = [Path(d) for d in (state.work_dir, state.vm_dir) if d]
     dirs.append(store.pod_dir(state.namespace, state.pod_id))
     done += [f"unmounted {point}" for point in unmount_under(dirs)]

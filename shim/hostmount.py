@@ -51,12 +51,18 @@ def unmount(target: Path, *, detach: bool = False) -> None:
 
 def mount_points() -> list[str]:
     """Mount points in this mount namespace, innermost last."""
+    return [point for point, _ in mount_points_with_types()]
+
+
+def mount_points_with_types() -> list[tuple[str, str]]:
+    """(mount point, filesystem type) in this mount namespace, innermost last."""
     points = []
     with open("/proc/self/mountinfo") as info:
         for line in info:
-            fields = line.split(" ", 5)
+            before, _, after = line.partition(" - ")
+            fields = before.split(" ")
             if len(fields) > 4:
-                points.append(_unescape(fields[4]))
+                points.append((_unescape(fields[4]), after.split(" ", 1)[0]))
     return points
 
 

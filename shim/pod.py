@@ -109,7 +109,9 @@ class Pod:
             # No pod hostname: runc leaves the new UTS namespace as it was, the node's.
             hostname = spec_mod.hostname_of(spec) or os.uname().nodename
             identity = spec_mod.identify(task.id, annotations)
-            pod_options = spec_mod.PodOptions()  # a container's sysctls are crun's to set
+            # A container's sysctls are crun's to set; its cgroup is the VM's when it
+            # is a pod of its own.
+            pod_options = spec_mod.PodOptions(cgroups_path=spec_mod.cgroups_path_of(spec))
             if identity.kind is spec_mod.TaskKind.SANDBOX:
                 pod_options = spec_mod.pod_options(spec)
         except spec_mod.SpecError as err:

@@ -28,6 +28,7 @@ from typing import Any
 from shim import sizing
 from shim.agent import AgentClient
 from shim.background import Background
+from shim.cgroups import PodCgroup, cgroup_relpath, hierarchy_roots
 from shim.config import Config
 from shim.devices import DeviceManager
 from shim.errors import ShimError, Unavailable
@@ -79,6 +80,7 @@ class Sandbox:
         self._vmm: Vmm | None = None
         self._devices: DeviceManager | None = None
         self._session: AgentSession | None = None
+        self._cgroup: PodCgroup | None = None
         self._vm_exit: int | None = None
         self._stopping = False  # the VM is being stopped on purpose
         self._stop_task: asyncio.Task[None] | None = None
@@ -165,14 +167,17 @@ class Sandbox:
 
     def size(self, annotations: dict[str, str]) -> sizing.VmSize:
         """The VM's size; raises InvalidArgument (naming the key) before anything exists."""
-        size = sizing.vm_size(self.config, annotations, os.cpu_count() or 1)
+        size = sizing.vm_size(
+            self.config, annotations, os.cpu_count() or 1, host_memory_mib=_host_memory_mib()
+        )
         ignored = sizing.ignored_annotations(annotations)
         if ignored:
             log.debug("event=annotations_ignored pod=%s keys=%s", self.id, ",".join(ignored))
         return size
 
     async def boot(self, size: sizing.VmSize, hostname: str, pod: PodOptions | None = None) -> None:
-        """Start the VM and bring its agent up. On failure nothing of it is left running."""
+        """Start the VM and bring its agent up, its processes in the pod's cgroup. On
+        failure nothing of it is left running."""
         vm_dir = self._store.pod_dir(self.namespace, self.id) / "vm"
         spec = VmSpec(
             state_dir=vm_dir,
@@ -191,7 +196,10 @@ class Sandbox:
         self.failure = ""
         started = time.monotonic()
         try:
-            kernel = await self._start(spec, hostname, pod or PodOptions())
+            pod = pod or PodOptions()
+            self._cgroup = PodCgroup(cgroup_relpath(pod.cgroups_path), hierarchy_roots())
+            await self._cgroup.attach(self)
+            kernel = await self._start(spec, hostname, pod)
         except BaseException as err:
             await self.stop()
             if isinstance(err, ShimError):
@@ -235,6 +243,8 @@ class Sandbox:
             await self.save(vmm=ref)
         else:
             await self.update(lambda st: st.replace(helpers=(*st.helpers, ref)))
+        if self._cgroup is not None:
+            await self._cgroup.adopt(pid)
 
     async def _setup_guest(self, agent: AgentClient, hostname: str, pod: PodOptions) -> str:
         info = await agent.guest_info(timeout=GUEST_CALL_TIMEOUT_S)
@@ -280,6 +290,9 @@ class Sandbox:
         self._vmm = None
         self._devices = None
         await self.save(vmm=None, helpers=())
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            await cgroup.detach(self)
 
     def _agent_lost(self, reason: str) -> None:
         """The agent is gone for good while the VMM may live on: fail the pod."""
@@ -329,6 +342,14 @@ class Sandbox:
                 continue
             if container_id:
                 self._on_oom(container_id)
+
+
+def _host_memory_mib() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    raise OSError("MemTotal missing from /proc/meminfo")
 
 
 def _clear_dir(path: Path) -> None:

@@ -98,6 +98,15 @@ def hostname_of(spec: Mapping[str, Any]) -> str:
     return hostname
 
 
+def cgroups_path_of(spec: Mapping[str, Any]) -> str:
+    """linux.cgroupsPath, "" when unset."""
+    linux = spec.get("linux") or {}
+    path = linux.get("cgroupsPath", "") if isinstance(linux, dict) else ""
+    if not isinstance(path, str):
+        raise SpecError("OCI spec: linux.cgroupsPath is not a string")
+    return path
+
+
 @dataclass(frozen=True)
 class PodOptions:
     """What a sandbox spec says about the pod as a whole, for the guest's SetupPod."""
@@ -105,6 +114,7 @@ class PodOptions:
     sysctls: Mapping[str, str] = field(default_factory=dict)  # the pod's linux.sysctl
     node_pid: bool = False  # CRI NamespaceMode NODE: the pod uses the VM's PID namespace
     node_ipc: bool = False  # ... and the VM's IPC namespace
+    cgroups_path: str = ""  # linux.cgroupsPath: the VM's processes are charged there
 
 
 def pod_options(spec: Mapping[str, Any]) -> PodOptions:
@@ -124,7 +134,10 @@ def pod_options(spec: Mapping[str, Any]) -> PodOptions:
         raise SpecError("OCI spec: linux.namespaces is not a list of objects")
     types = {n.get("type") for n in namespaces}
     return PodOptions(
-        sysctls=dict(sysctls), node_pid="pid" not in types, node_ipc="ipc" not in types
+        sysctls=dict(sysctls),
+        node_pid="pid" not in types,
+        node_ipc="ipc" not in types,
+        cgroups_path=cgroups_path_of(spec),
     )
 
 
