@@ -95,10 +95,17 @@ class VmSize:
     kernel_params: str  # extra kernel command line, "" for none
 
 
-def vm_size(config: Config, annotations: Mapping[str, str], host_cpus: int) -> VmSize:
+def vm_size(
+    config: Config,
+    annotations: Mapping[str, str],
+    host_cpus: int,
+    *,
+    host_memory_mib: int | None = None,
+) -> VmSize:
     """The VM size for a pod whose sandbox spec carries `annotations`.
 
-    Raises InvalidArgument naming the annotation, its value and what is allowed.
+    Raises InvalidArgument naming the annotation, its value and what is allowed,
+    also when the VM would need more memory than the host has (`host_memory_mib`).
     """
     host_cpus = max(1, host_cpus)
     default_max = min(config.default_max_vcpus, host_cpus)
@@ -122,8 +129,17 @@ def vm_size(config: Config, annotations: Mapping[str, str], host_cpus: int) -> V
             max_vcpus = parsed
 
     memory_values = [_memory(key, value) for key, value in _values(annotations, "default_memory")]
+    memory_key = CRI_MEMORY
     if memory_values:
         memory = memory_values[0]
+        memory_key = _values(annotations, "default_memory")[0][0]
+    if host_memory_mib is not None and memory > host_memory_mib:
+        raise _invalid(
+            memory_key,
+            annotations.get(memory_key, ""),
+            f"the VM would need {memory} MiB of memory, more than the host's "
+            f"{host_memory_mib} MiB",
+        )
 
     params = [
         _kernel_params(key, value, config.kernel_args)

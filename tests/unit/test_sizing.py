@@ -250,3 +250,17 @@ def test_unknown_keys_are_ignored_but_listed() -> None:
         CHV + "enable_virtio_mem",
         KATA + "memory_slots",
     ]
+
+
+@pytest.mark.parametrize(
+    ("annotations", "key"),
+    [
+        ({"io.kubernetes.cri.sandbox-memory": "9223372036854775807"}, "sandbox-memory"),
+        ({KATA + "default_memory": "262144"}, KATA + "default_memory"),
+    ],
+)
+def test_a_vm_bigger_than_the_host_is_refused(annotations: dict[str, str], key: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        vm_size(cfg(), annotations, 2, host_memory_mib=23_000)
+    assert key in str(err.value) and "more than the host's 23000 MiB" in str(err.value)
+    assert vm_size(cfg(), {KATA + "default_memory": "22000"}, 2, host_memory_mib=23_000)
