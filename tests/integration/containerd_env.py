@@ -150,36 +150,54 @@ def running_containerd(root: Path, shim_config_path: Path) -> Iterator[Container
     config.write_text(
         CONFIG_TOML.format(root=root, runtime=RUNTIME, shim=shim, shim_config=shim_config_path)
     )
+    containerd = Containerd(root=root, process=_start(root, config, netns, shim_config_path),
+                            netns=netns)
+    try:
+        yield containerd
+    finally:
+        _stop(containerd.process)
+        _unmount_under(root)
+        subprocess.run(["ip", "netns", "delete", netns], check=False)
+
+
+def _start(root: Path, config: Path, netns: str, shim_config_path: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env["PATH"] = f"{SHIM_BIN_DIR}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     env["CLOUDHV_CONFIG"] = str(shim_config_path)
-    log = open(root / "containerd.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{netns}", "containerd", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    (root / "containerd.sock").unlink(missing_ok=True)
+    with open(root / "containerd.log", "ab") as log:
+        process = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{netns}", "containerd", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 30
+    while not (root / "containerd.sock").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            log_text = (root / "containerd.log").read_text()
+            raise RuntimeError(f"containerd did not start:\n{log_text}")
+        time.sleep(0.02)
+    return process
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
     try:
-        deadline = time.monotonic() + 30
-        while not (root / "containerd.sock").exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"containerd did not start:\n{(root / 'containerd.log').read_text()}"
-                )
-            time.sleep(0.02)
-        yield Containerd(root=root, process=process, netns=netns)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        _unmount_under(root)
-        subprocess.run(["ip", "netns", "delete", netns], check=False)
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def restart(containerd: Containerd, shim_config_path: Path, down_s: float = 0.0) -> None:
+    """Stop containerd and start it again on the same root; its shims keep running."""
+    _stop(containerd.process)
+    time.sleep(down_s)
+    containerd.process = _start(
+        containerd.root, containerd.root / "config.toml", containerd.netns, shim_config_path
+    )
 
 
 def _unmount_under(root: Path) -> None:

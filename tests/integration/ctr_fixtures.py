@@ -18,6 +18,7 @@ from tests.integration.containerd_env import (
     cleanup_dir,
     import_image,
     leftovers,
+    restart,
     running_containerd,
     write_shim_config,
 )
@@ -44,6 +45,10 @@ class Env:
             found.append(f"shim {pid}: {cmdline[:100]}")
         found += [f"shim socket {p}" for p in shim_sockets() - self.sockets_before]
         return found
+
+    def restart_containerd(self, down_s: float = 4.0) -> None:
+        """containerd goes away for `down_s` seconds and comes back; pods keep running."""
+        restart(self.containerd, self.scratch / "shim.json", down_s)
 
     def wait_clean(self, timeout: float = 30) -> list[str]:
         deadline = time.monotonic() + timeout
