@@ -91,6 +91,23 @@ def test_containers_cannot_reach_the_agent(cri: CriClient, env: Env) -> None:
         # A shell started by exec runs under the same filter.
         out, _, _ = pod.exec_sync(plain, ["sh", "-c", f"vsock-probe {AGENT_PORT} 1"])
         assert out == b"cid 1: socket: Operation not permitted\n"
+        # containerd's default profile (RuntimeDefault) allows socket() outright;
+        # the agent's rule still holds there.
+        pb = cri.pb
+        runtime_default = pb.LinuxContainerConfig(
+            security_context=pb.LinuxContainerSecurityContext(
+                seccomp=pb.SecurityProfile(profile_type=pb.SecurityProfile.RuntimeDefault)
+            )
+        )
+        confined = pod.container(
+            "confined", ["sleep", "600"], image=PROBE_IMAGE, linux=runtime_default
+        )
+        out, _, code = pod.exec_sync(confined, probe)
+        assert code == 0, out
+        assert out.decode().splitlines() == [
+            f"cid {cid}: socket: Operation not permitted" for cid in (1, 2, 3)
+        ]
+        assert pod.exec_sync(confined, ["echo", "confined"]) == (b"confined\n", b"", 0)
 
         allowed = pod.container(
             "allowed",
@@ -104,7 +121,7 @@ def test_containers_cannot_reach_the_agent(cri: CriClient, env: Env) -> None:
         for line in lines:
             assert "socket:" not in line and "reply" not in line, out
 
-        # The pod keeps working: exec, in both containers.
+        # The pod keeps working: exec, in every container.
         assert pod.exec_sync(plain, ["echo", "still here"]) == (b"still here\n", b"", 0)
         assert pod.exec_sync(allowed, ["echo", "me too"]) == (b"me too\n", b"", 0)
     finally:
