@@ -35,11 +35,13 @@ class DiskSpec:
 
 @dataclass(frozen=True)
 class NetSpec:
-    """A TAP device (already in the VMM's netns) and the guest MAC to give it."""
+    """A NIC backed by a TAP the caller opened (in the pod's netns) and passes as a file
+    descriptor: the VMM need not live in that netns, nor know the TAP's name. The
+    caller keeps its fd and closes it; the backend hands the VMM its own copy."""
 
     id: str
-    tap: str
-    mac: str
+    tap_fd: int
+    mac: str  # the guest NIC's MAC: the CNI veth's, so the pod network knows it
     mtu: int = 1500
 
 
@@ -54,7 +56,6 @@ class VmSpec:
     vcpus: int
     max_vcpus: int
     memory_mib: int
-    netns: Path | None = None  # run the VMM inside this network namespace
 
 
 @dataclass(frozen=True)

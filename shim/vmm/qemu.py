@@ -151,8 +151,6 @@ class QemuVmm(Vmm):
                 self._vhost_socket, self._vsock, "vhost-device-vsock", deadline
             )
             argv = self.command()
-            if self._spec.netns is not None:
-                argv = ["nsenter", f"--net={self._spec.netns}", "--", *argv]
             log.info("event=vmm_launch vmm=qemu dir=%s", self._dir)
             self._qemu = await _spawn(argv, self._dir / "qemu.log")
             self._reaper = asyncio.create_task(self._reap())
@@ -304,10 +302,23 @@ class QemuVmm(Vmm):
         await self._execute("blockdev-del", {"node-name": f"blk-{disk_id}"})
 
     async def add_net(self, net: NetSpec, slot: int) -> None:
-        await self._execute("netdev_add", {
-            "type": "tap", "id": f"net-{net.id}", "ifname": net.tap,
-            "script": "no", "downscript": "no",
-        })
+        # The TAP travels to QEMU over the QMP socket (SCM_RIGHTS) under a name that
+        # netdev_add then takes; QEMU closes its copy when the netdev goes.
+        fd_name = f"tap-{net.id}"
+        qmp = self._require_qmp()
+        try:
+            qmp.send_fd_scm(net.tap_fd)
+        except (QMPError, OSError) as err:
+            raise VmmError(f"pass the TAP of {net.id} to QEMU: {err}") from err
+        await self._execute("getfd", {"fdname": fd_name})
+        try:
+            await self._execute("netdev_add", {
+                "type": "tap", "id": f"net-{net.id}", "fd": fd_name, "vhost": False,
+            })
+        except BaseException:
+            with contextlib.suppress(VmmError):
+                await self._execute("closefd", {"fdname": fd_name})
+            raise
         try:
             await self._execute("device_add", {
                 "driver": "virtio-net-pci", "id": net.id, "netdev": f"net-{net.id}",
