@@ -44,9 +44,10 @@ class Response:
 class ApiError(VmmError):
     """CH answered with an error status; the message carries its error chain."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, body: bytes) -> None:
         super().__init__(message)
         self.status = status
+        self.body = body
 
 
 class ChHttp:
@@ -77,7 +78,7 @@ class ChHttp:
         if response.status >= 300:
             detail = error_detail(response.body) or "(no body)"
             status = response.status
-            raise ApiError(f"{method} {endpoint}: HTTP {status}: {detail}", status)
+            raise ApiError(f"{method} {endpoint}: HTTP {status}: {detail}", status, response.body)
         return response
 
     async def _exchange(
