@@ -120,8 +120,13 @@ def disk_config(disk: DiskSpec) -> dict[str, Any]:
 
 def net_config(net: NetSpec) -> dict[str, Any]:
     """The body of PUT /vm.add-net. The TAP itself travels beside it, as the request's
-    SCM_RIGHTS file descriptor: one fd, one queue pair (num_queues' default, 2)."""
-    return {"id": net.id, "mac": net.mac, "mtu": net.mtu}
+    SCM_RIGHTS file descriptor: one fd, one queue pair (num_queues' default, 2).
+
+    No `mtu`: for an fd-backed TAP, CH (v53, virtio-devices net.rs) sets the MTU with
+    SIOCSIFMTU by the TAP's name on a socket of its own network namespace, and CH does
+    not run in the pod's: the name would miss, or hit a host interface of that name.
+    The TAP's MTU is set where it was made, the guest's by the agent."""
+    return {"id": net.id, "mac": net.mac}
 
 
 def remove_device(device_id: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -34,6 +35,11 @@ class Env:
     state_dir: Path  # the shim's state_dir (config)
     scratch: Path
     sockets_before: frozenset[Path] = frozenset()
+    vmm: str = "qemu"  # the config's VMM backend
+
+    @property
+    def config_path(self) -> Path:
+        return self.scratch / "shim.json"
 
     def leftovers(self) -> list[str]:
         found = leftovers(self.state_dir, self.containerd.root)
@@ -43,7 +49,10 @@ class Env:
                 found.append(f"mount {target}")
         for pid, cmdline in shim_processes(self.containerd):
             found.append(f"shim {pid}: {cmdline[:100]}")
-        found += [f"shim socket {p}" for p in shim_sockets() - self.sockets_before]
+        ours = _sockets_of(self.containerd)
+        found += [
+            f"shim socket {p}" for p in shim_sockets() - self.sockets_before if p.name in ours
+        ]
         return found
 
     def restart_containerd(self, down_s: float = 4.0) -> None:
@@ -67,6 +76,13 @@ def shim_sockets() -> frozenset[Path]:
     return frozenset(SHIM_SOCKET_DIR.iterdir())
 
 
+def _sockets_of(containerd: Containerd) -> set[str]:
+    """Names of the shim sockets this containerd's shims used, from its debug log (the
+    shims log their socket): /run/containerd/s is shared with other test runs."""
+    log = (containerd.root / "containerd.log").read_text(errors="replace")
+    return set(re.findall(r"/run/containerd/s/([0-9a-f]{64})", log))
+
+
 def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
     """Our shim daemons serving this containerd (their argv names its socket)."""
     found = []
@@ -81,11 +97,13 @@ def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
 
 
 @contextlib.contextmanager
-def containerd_env(**config_overrides: object) -> Iterator[Env]:
+def containerd_env(vmm: str = "qemu", **config_overrides: object) -> Iterator[Env]:
+    """A private containerd with our runtime, the shim configured for `vmm` ("qemu", or
+    "cloud-hypervisor": the stand-in in tests/chsim as the binary)."""
     scratch = Path(tempfile.mkdtemp(prefix="chv-", dir="/run"))
     try:
         state_dir = scratch / "state"
-        config = write_shim_config(scratch / "shim.json", state_dir, **config_overrides)
+        config = write_shim_config(scratch / "shim.json", state_dir, vmm, **config_overrides)
         tree = make_busybox_tree(scratch / "tree")
         busybox = build_image([tree], BUSYBOX, ["sh"], scratch / "busybox.tar")
         pause = build_image([tree], PAUSE, ["sleep", "2147483647"], scratch / "pause.tar")
@@ -98,6 +116,7 @@ def containerd_env(**config_overrides: object) -> Iterator[Env]:
                 state_dir=state_dir,
                 scratch=scratch,
                 sockets_before=shim_sockets(),
+                vmm=vmm,
             )
             try:
                 yield env

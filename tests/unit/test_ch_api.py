@@ -101,7 +101,7 @@ def test_the_bodies_carry_every_field_the_backend_ever_sets() -> None:
         "landlock_enable", "landlock_rules", "landlock_rules.[].path",
         "landlock_rules.[].access",
         # vm.add-disk, vm.add-net, vm.remove-device, vm.resize
-        "path", "readonly", "id", "image_type", "mac", "mtu", "desired_vcpus",
+        "path", "readonly", "id", "image_type", "mac", "desired_vcpus",
     }
 
 
