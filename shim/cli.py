@@ -235,17 +235,22 @@ def _await_ready(fd: int, daemon: _Daemon, timeout: float) -> None:
         raise UsageError(line.removeprefix("error: "))
 
 
-def start(args: Args, stdin: bytes) -> str:
+def start(args: Args, stdin: bytes) -> bytes:
+    """Find or launch the pod's daemon; returns what to print: the address, or for
+    containerd 2.3+ (BootstrapParams on stdin) a BootstrapResult carrying it."""
     bundle = Path.cwd()
     identity = spec.identify(args.id, spec.bundle_annotations(bundle))
-    path = socket_path(args.address, args.namespace, identity.pod_id)
+    given = pbwire.parse_start_stdin(stdin, args.id, args.namespace)
+    root = Path(given.socket_dir) if given.socket_dir else None
+    path = socket_path(args.address, args.namespace, identity.pod_id, root=root)
     address = f"unix://{path}"
-    config_path = pbwire.config_path_from_stdin(stdin, args.id, args.namespace)
+    answer = pbwire.bootstrap_result(address) if given.bootstrap else address.encode()
+    config_path = given.config_path
     bundle_mod.write_info(bundle, bundle_mod.BundleInfo(identity.pod_id, config_path))
     listener = bind_listener(path)
     if listener is None:  # the pod's daemon is alive: this task joins it
         write_address(bundle, address)
-        return address
+        return answer
     # Not inherited by anything `start` spawns: they travel as fds on purpose.
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     config_r, config_w = os.pipe2(os.O_CLOEXEC)
@@ -271,7 +276,7 @@ def start(args: Args, stdin: bytes) -> str:
             if fd >= 0:
                 os.close(fd)
     write_address(bundle, address)
-    return address
+    return answer
 
 
 def _send_config(fd: int, daemon: _Daemon, config_path: str) -> str:
@@ -318,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.action == "start":
             _require(args, "namespace", "address", "id")
             stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-            sys.stdout.write(start(args, stdin))
+            sys.stdout.buffer.write(start(args, stdin))
             return 0
         if args.action == "delete":
             _require(args, "namespace", "id")
