@@ -353,15 +353,16 @@ class StandIn:
 
     async def _watch(self, qemu: QemuVmm) -> None:
         status = await qemu.wait()
+        if status != 0 and self._qemu is qemu:
+            # The VM died under the VMM: CH would be gone with it, at once. The vsock
+            # backend is gone already; the shim removes the files.
+            log.error("QEMU exited with %s: the VMM dies with its VM", status)
+            logging.shutdown()
+            os._exit(1)
         async with self._lock:
             if self._qemu is not qemu:
                 return  # stopped on purpose
             await self._stop_vm()
-            if status != 0:
-                log.error("QEMU exited with %s: the VMM is gone", status)
-                self.exit_code = 1
-                self.done.set()
-                return
             log.info("VM guest exit event")
             self._events.emit("vm", "shutdown")
             if not self._no_shutdown:
