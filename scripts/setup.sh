@@ -18,8 +18,9 @@ PACKAGES=(
 )
 
 # sid and trixie are added with a pin below every bookworm package, so they are
-# used only for what we name explicitly: vhost-device-vsock (sid) and the CRI
-# api .proto (trixie, downloaded, never installed).
+# used only for what we name explicitly: vhost-device-vsock (sid), and from trixie
+# the CRI api .proto and the guest's crun with its libraries (downloaded and
+# extracted, never installed).
 ensure_extra_suites() {
   local changed=0
   if [ ! -f /etc/apt/sources.list.d/cloudhv-extra.sources ]; then
