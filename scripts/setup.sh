@@ -15,6 +15,7 @@ PACKAGES=(
   qemu-system-x86 containerd runc containernetworking-plugins crun
   musl-tools linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev
   busybox-static e2fsprogs iproute2 util-linux kmod procps xz-utils ca-certificates
+  iptables
 )
 
 # sid and trixie are added with a pin below every bookworm package, so they are
