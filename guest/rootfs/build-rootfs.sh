@@ -79,6 +79,7 @@ mkdir -p "$CACHE"
 exec 9>"$OUT.lock"  # one build per key at a time (see build-kernel.sh)
 flock 9
 if [ -f "$OUT/rootfs.ext4" ]; then
+  touch "$OUT"  # used now: pruning spares what was used lately
   echo "rootfs: cached $OUT/rootfs.ext4" >&2
   echo "$OUT/rootfs.ext4"
   exit 0
@@ -122,8 +123,10 @@ mkdir -p "$OUT"
 mv "$WORK/rootfs.ext4" "$OUT/rootfs.ext4"
 cp "$WORK/agent/cloudhv-agent" "$OUT/cloudhv-agent"
 rm -rf "$WORK"
-# Keep the 4 most recent builds; older inputs are unlikely to come back.
+# Keep the 4 most recently used builds, and any used in the last day: another
+# checkout (or a running test) may be booting it.
 ls -1dt "$CACHE"/rootfs-*/ 2>/dev/null | tail -n +5 | while read -r old; do
+  [ -n "$(find "$old" -maxdepth 0 -mtime +0)" ] || continue
   rm -rf "$old" "${old%/}.lock"
 done
 ls -1dt "$CACHE"/crun-*/ 2>/dev/null | tail -n +3 | xargs -r rm -rf
