@@ -85,7 +85,7 @@ def shim_config(state_dir: Path, vmm: str = "qemu", **overrides: object) -> dict
         "cloud_hypervisor": {"binary": str(CH_STANDIN), "hotplug_slots": 8},
         "kernel_path": str(guest_artifacts.kernel()),
         "rootfs_path": str(guest_artifacts.rootfs()),
-        "kernel_args": "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 quiet",
+        "kernel_args": "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 no_timer_check quiet",
         "default_vcpus": 1,
         "default_memory_mib": 256,
         "state_dir": str(state_dir),
