@@ -88,6 +88,9 @@ def shim_config(state_dir: Path, vmm: str = "qemu", **overrides: object) -> dict
         "kernel_args": "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 no_timer_check quiet",
         "default_vcpus": 1,
         "default_memory_mib": 256,
+        # Test runs share two cores with other suites: a boot may take many times
+        # its idle 2 s.
+        "agent_startup_timeout_s": 90,
         "state_dir": str(state_dir),
         "disk_dir": str(state_dir.parent / "disks"),
         "debug": True,
