@@ -68,6 +68,8 @@ class Route:
     gateway: str = ""
     device: str = ""
     metric: int = 0
+    scope: int = 0  # rtnetlink scope: 0 universe, 253 link, 254 host
+    source: str = ""  # preferred source address
 
 
 _STATS_FIELDS = tuple(ContainerStats.__dataclass_fields__)
@@ -173,9 +175,13 @@ class _GuestCalls(_Connection):
         name: str = "",
         mtu: int = 0,
         addresses: Sequence[IpInterface] = (),
-        timeout: float | None = DEFAULT_TIMEOUT,
+        wait: float = 0.0,
+        timeout: float | None = None,
     ) -> None:
-        """Configure the guest NIC with `mac`: rename, MTU, and addresses (e.g. 10.88.0.5/16)."""
+        """Configure the guest NIC with `mac`: rename, MTU, exactly these addresses
+        (e.g. 10.88.0.5/16), link up. `wait` is how long the agent waits for a
+        hot-plugged NIC to show up; the call's timeout defaults to that plus
+        DEFAULT_TIMEOUT."""
         req = _pb.UpdateInterfaceRequest(
             mac=mac,
             name=name,
@@ -183,7 +189,10 @@ class _GuestCalls(_Connection):
             addresses=[
                 _pb.IPAddress(address=str(a.ip), prefix_len=a.network.prefixlen) for a in addresses
             ],
+            timeout_ms=int(wait * 1000),
         )
+        if timeout is None:
+            timeout = wait + DEFAULT_TIMEOUT
         await self._call("UpdateInterface", req, None, timeout)
 
     async def update_routes(
@@ -192,7 +201,12 @@ class _GuestCalls(_Connection):
         req = _pb.UpdateRoutesRequest(
             routes=[
                 _pb.Route(
-                    destination=r.destination, gateway=r.gateway, device=r.device, metric=r.metric
+                    destination=r.destination,
+                    gateway=r.gateway,
+                    device=r.device,
+                    metric=r.metric,
+                    scope=r.scope,
+                    source=r.source,
                 )
                 for r in routes
             ]

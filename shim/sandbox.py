@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from shim.config import Config
 from shim.devices import DeviceManager
 from shim.errors import ShimError, Unavailable
 from shim.hostmount import unmount_under
+from shim.network import PodNetwork
 from shim.resource import step
 from shim.session import AgentSession
 from shim.spec import PodOptions
@@ -81,6 +82,7 @@ class Sandbox:
         self._devices: DeviceManager | None = None
         self._session: AgentSession | None = None
         self._cgroup: PodCgroup | None = None
+        self._network: PodNetwork | None = None
         self._vm_exit: int | None = None
         self._stopping = False  # the VM is being stopped on purpose
         self._stop_task: asyncio.Task[None] | None = None
@@ -150,6 +152,11 @@ class Sandbox:
 
     def live_devices(self) -> DeviceManager | None:
         return self._devices if self.running else None
+
+    @property
+    def pod_files(self) -> Mapping[str, str]:
+        """containerd's per-pod files (resolv.conf, hosts) -> the guest's copy of each."""
+        return dict(self._network.pod_files) if self._network is not None else {}
 
     def require_agent(self) -> AgentClient:
         agent = self.live_agent()
@@ -234,7 +241,12 @@ class Sandbox:
         )
         self._session = session
         agent = await step("agent connect", session.open(deadline))
-        return await step("guest setup", self._setup_guest(agent, hostname, pod))
+        kernel = await step("guest setup", self._setup_guest(agent, hostname, pod))
+        if pod.netns:
+            # After SetupPod, which writes the guest's default hosts file.
+            self._network = PodNetwork(pod.netns, hostname, resolv_conf=pod.resolv_conf)
+            await step("network", self._network.attach(self))
+        return kernel
 
     async def _record_process(self, role: str, pid: int, start_time: int) -> None:
         """Persist each VMM process as it is spawned: a crash right after leaves no orphan."""
@@ -290,6 +302,9 @@ class Sandbox:
         self._vmm = None
         self._devices = None
         await self.save(vmm=None, helpers=())
+        network, self._network = self._network, None
+        if network is not None:
+            await network.detach(self)  # the VM is gone: the host side only
         cgroup, self._cgroup = self._cgroup, None
         if cgroup is not None:
             await cgroup.detach(self)
