@@ -12,7 +12,6 @@ timeout; when it passes with nothing to report they return an empty value
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any, Self
 from shim._pb import agent_pb2 as _agent_pb2
 from shim.errors import DeadlineExceeded, Internal, Unavailable
 from shim.ttrpc.client import Client
-from shim.types import ContainerStats
+from shim.types import ContainerStats, IpInterface, Route
 from shim.vsock import connect_hybrid_vsock
 
 # Generated modules have no type stubs; every value read from them is converted.
@@ -36,8 +35,6 @@ MAX_CHUNK = 65536  # agent.options: stdin/stdout chunks are at most 64 KiB
 # Extra local wait on long polls, so a reply sent at the agent's deadline is
 # still received instead of being dropped (it may carry output bytes).
 _LONG_POLL_GRACE = 1.0
-
-IpInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 @dataclass(frozen=True)
@@ -60,16 +57,6 @@ class ExitStatus:
 class Output:
     data: bytes
     eof: bool  # no more data will ever come from this stream
-
-
-@dataclass(frozen=True)
-class Route:
-    destination: str  # CIDR; "" or "default" for the default route
-    gateway: str = ""
-    device: str = ""
-    metric: int = 0
-    scope: int = 0  # rtnetlink scope: 0 universe, 253 link, 254 host
-    source: str = ""  # preferred source address
 
 
 _STATS_FIELDS = tuple(ContainerStats.__dataclass_fields__)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shim import cgroups, network
+from shim import cgroups, network, portforward
 from shim.hostmount import unmount_under
 from shim.rootfs import disk
 from shim.state import PodState, ResourceRecord, StateStore
@@ -29,6 +29,7 @@ HOST_UNDO: dict[str, HostUndo] = {
     disk.KIND: disk.undo_host,
     cgroups.KIND: cgroups.undo_host,
     network.KIND: network.undo_host,
+    portforward.KIND: portforward.undo_host,
 }
 
 

@@ -48,12 +48,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shim.agent import IpInterface, Route
 from shim.devices import device_id
 from shim.errors import Internal, InvalidArgument, Unavailable
 from shim.netns import NetnsGone, in_netns, run_in_netns
 from shim.resource import PodServices, Undo, step
 from shim.state import ResourceRecord
+from shim.types import IpInterface, Route
 from shim.vmm.base import NetSpec
 
 if TYPE_CHECKING:

@@ -34,11 +34,13 @@ from shim.devices import DeviceManager
 from shim.errors import ShimError, Unavailable
 from shim.hostmount import unmount_under
 from shim.network import PodNetwork
+from shim.portforward import RELAY_PORT, PortForward
 from shim.resource import step
 from shim.session import AgentSession
 from shim.spec import PodOptions
 from shim.state import PodState, ProcRef, ResourceRecord, StateStore, pod_key
 from shim.vmm.base import Vmm, VmSpec
+from shim.vsock import connect_hybrid_vsock
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class Sandbox:
         self._session: AgentSession | None = None
         self._cgroup: PodCgroup | None = None
         self._network: PodNetwork | None = None
+        self._portfwd: PortForward | None = None
         self._vm_exit: int | None = None
         self._stopping = False  # the VM is being stopped on purpose
         self._stop_task: asyncio.Task[None] | None = None
@@ -246,6 +249,13 @@ class Sandbox:
             # After SetupPod, which writes the guest's default hosts file.
             self._network = PodNetwork(pod.netns, hostname, resolv_conf=pod.resolv_conf)
             await step("network", self._network.attach(self))
+
+            async def dial_relay() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                until = asyncio.get_running_loop().time() + GUEST_CALL_TIMEOUT_S
+                return await connect_hybrid_vsock(vmm.agent_socket, RELAY_PORT, deadline=until)
+
+            self._portfwd = PortForward(pod.netns, dial_relay)
+            await step("port forward", self._portfwd.attach(self))
         return kernel
 
     async def _record_process(self, role: str, pid: int, start_time: int) -> None:
@@ -302,6 +312,9 @@ class Sandbox:
         self._vmm = None
         self._devices = None
         await self.save(vmm=None, helpers=())
+        portfwd, self._portfwd = self._portfwd, None
+        if portfwd is not None:
+            await portfwd.detach(self)
         network, self._network = self._network, None
         if network is not None:
             await network.detach(self)  # the VM is gone: the host side only
