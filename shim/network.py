@@ -506,6 +506,8 @@ def undo_host(record: ResourceRecord) -> list[str]:
         return []  # CRI removed the namespace, and everything in it went along
     except NetlinkError as err:  # crash cleanup goes on with the other resources
         raise OSError(err.code, f"network namespace {netns}: {err}") from err
+    except (KeyError, ValueError, TypeError) as err:  # pyroute2 refusing a message
+        raise OSError(errno.EINVAL, f"network namespace {netns}: {err!r}") from err
 
 
 def _remove(links: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -520,8 +522,10 @@ def _remove(links: Sequence[Mapping[str, Any]]) -> list[str]:
             found = ipr.link_lookup(ifname=name) if name else []
             if found:
                 try:
+                    # By preference: the filter and its hash table go; pyroute2's
+                    # u32 encoder wants a selector and class even for a delete.
                     ipr.tc("del-filter", "u32", found[0], parent="ffff:",
-                           prio=FILTER_PRIO, protocol=ETH_P_ALL)
+                           prio=FILTER_PRIO, protocol=ETH_P_ALL, keys=["0x0/0x0+0"], target=0)
                     done.append(f"removed the redirect on {name}")
                 except NetlinkError as err:
                     if err.code not in gone:

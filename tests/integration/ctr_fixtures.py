@@ -8,12 +8,13 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.integration.busybox_tree import make_busybox_tree
 from tests.integration.containerd_env import (
+    CNI_CONFLIST,
     Containerd,
     cleanup_dir,
     import_image,
@@ -43,7 +44,8 @@ class Env:
                 found.append(f"mount {target}")
         for pid, cmdline in shim_processes(self.containerd):
             found.append(f"shim {pid}: {cmdline[:100]}")
-        found += [f"shim socket {p}" for p in shim_sockets() - self.sockets_before]
+        new = shim_sockets() - self.sockets_before - foreign_shim_sockets(self.containerd)
+        found += [f"shim socket {p}" for p in new]
         return found
 
     def restart_containerd(self, down_s: float = 4.0) -> None:
@@ -67,6 +69,24 @@ def shim_sockets() -> frozenset[Path]:
     return frozenset(SHIM_SOCKET_DIR.iterdir())
 
 
+def foreign_shim_sockets(containerd: Containerd) -> frozenset[Path]:
+    """Shim sockets held by shims of other containerds (other test runs on the machine):
+    each lists its own in its network namespace's /proc/<pid>/net/unix."""
+    found: set[Path] = set()
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "containerd-shim" not in cmdline or str(containerd.address) in cmdline:
+                continue
+            for line in (pid_dir / "net" / "unix").read_text().splitlines()[1:]:
+                parts = line.split()
+                if len(parts) >= 8 and parts[7].startswith(f"{SHIM_SOCKET_DIR}/"):
+                    found.add(Path(parts[7]))
+    return frozenset(found)
+
+
 def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
     """Our shim daemons serving this containerd (their argv names its socket)."""
     found = []
@@ -81,7 +101,9 @@ def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
 
 
 @contextlib.contextmanager
-def containerd_env(**config_overrides: object) -> Iterator[Env]:
+def containerd_env(
+    cni: Sequence[dict[str, object]] = (CNI_CONFLIST,), **config_overrides: object
+) -> Iterator[Env]:
     scratch = Path(tempfile.mkdtemp(prefix="chv-", dir="/run"))
     try:
         state_dir = scratch / "state"
@@ -89,7 +111,7 @@ def containerd_env(**config_overrides: object) -> Iterator[Env]:
         tree = make_busybox_tree(scratch / "tree")
         busybox = build_image([tree], BUSYBOX, ["sh"], scratch / "busybox.tar")
         pause = build_image([tree], PAUSE, ["sleep", "2147483647"], scratch / "pause.tar")
-        with running_containerd(scratch / "ctrd", config) as containerd:
+        with running_containerd(scratch / "ctrd", config, cni) as containerd:
             for namespace in ("default", "k8s.io"):
                 import_image(containerd, busybox, namespace)
                 import_image(containerd, pause, namespace)

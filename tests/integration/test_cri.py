@@ -45,6 +45,8 @@ class Pod:
         cpu_quota: int = 0,
         hostname: str | None = None,
         linux: Any = None,
+        dns_config: Any = None,
+        handler: str = HANDLER,
     ) -> None:
         pb = cri.pb
         self.cri, self.pb = cri, pb
@@ -65,10 +67,11 @@ class Pod:
             log_directory=str(self.log_dir),
             annotations=annotations or {},
             linux=linux,
+            dns_config=dns_config,
         )
         started = time.monotonic()
         self.id = cri.runtime.RunPodSandbox(
-            pb.RunPodSandboxRequest(config=self.config, runtime_handler=HANDLER), timeout=180
+            pb.RunPodSandboxRequest(config=self.config, runtime_handler=handler), timeout=180
         ).pod_sandbox_id
         self.run_seconds = time.monotonic() - started
 
