@@ -192,7 +192,8 @@ def running_containerd(
         )
     # containerd (and so CNI's bridge and every pod) lives in a namespace this test made:
     # nothing touches the host's own network.
-    netns = f"cloudhv-test-{os.getpid()}-{root.name[-8:]}"
+    # Named after the scratch dir too: one test process may run several containerds.
+    netns = f"cloudhv-test-{os.getpid()}-{root.parent.name[-8:]}-{root.name[-8:]}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
     config = root / "config.toml"
