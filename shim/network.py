@@ -275,23 +275,24 @@ class PodNetwork:
                 in_netns(self.netns, lambda: create_taps(netplan.interfaces)),
             )
             try:
+                # One NIC at a time, configured before the next is plugged: the guest
+                # names a new NIC after the lowest free ethN, which a rename to CNI's
+                # name has freed or not taken, so renames never collide.
                 for interface, fd in zip(netplan.interfaces, taps, strict=True):
                     await self._plug(pod, interface, fd)
+                    await step(
+                        f"guest NIC {interface.name}",
+                        _agent(pod, "guest NIC").update_interface(
+                            interface.mac,
+                            name=interface.name,
+                            mtu=interface.mtu,
+                            addresses=interface.addresses,
+                            wait=NIC_WAIT_S,
+                        ),
+                    )
             finally:
                 for fd in taps:
                     os.close(fd)  # QEMU holds its own: the TAP lives as long as the NIC
-            for interface in netplan.interfaces:
-                agent = _agent(pod, "guest NIC")
-                await step(
-                    f"guest NIC {interface.name}",
-                    agent.update_interface(
-                        interface.mac,
-                        name=interface.name,
-                        mtu=interface.mtu,
-                        addresses=interface.addresses,
-                        wait=NIC_WAIT_S,
-                    ),
-                )
             if netplan.routes:
                 agent = _agent(pod, "guest routes")
                 await step("guest routes", agent.update_routes(netplan.routes))
