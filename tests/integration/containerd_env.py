@@ -70,6 +70,8 @@ CNI_CONFLIST = {
                 "routes": [{"dst": "0.0.0.0/0"}],
             },
         },
+        # hostPort mappings, as on a node (iptables DNAT in containerd's namespace).
+        {"type": "portmap", "capabilities": {"portMappings": True}},
         {"type": "loopback"},
     ],
 }

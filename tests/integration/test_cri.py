@@ -47,6 +47,7 @@ class Pod:
         linux: Any = None,
         dns_config: Any = None,
         handler: str = HANDLER,
+        port_mappings: Any = (),
     ) -> None:
         pb = cri.pb
         self.cri, self.pb = cri, pb
@@ -68,6 +69,7 @@ class Pod:
             annotations=annotations or {},
             linux=linux,
             dns_config=dns_config,
+            port_mappings=list(port_mappings),
         )
         started = time.monotonic()
         self.id = cri.runtime.RunPodSandbox(

@@ -109,6 +109,28 @@ def test_pod_to_pod_and_host_to_pod(cri: CriClient, env: Env) -> None:
     assert env.wait_clean() == []
 
 
+def test_host_port_mapping_through_cni_portmap(cri: CriClient, env: Env) -> None:
+    """critest's "port mapping with host port and container port": CNI's portmap DNATs
+    the node's port to the pod IP, and the data path takes it into the VM."""
+    pb = cri.pb
+    mapping = pb.PortMapping(protocol=pb.TCP, container_port=80, host_port=30080)
+    pod = Pod(cri, env, "hostport", port_mappings=[mapping])
+    try:
+        pod.container(
+            "web",
+            ["sh", "-c", "mkdir /www && echo mapped > /www/index.html && httpd -f -p 80 -h /www"],
+        )
+        deadline = time.monotonic() + 30
+        while (page := in_bridge_netns(env, "busybox", "wget", "-q", "-O-",
+                                       "http://10.88.0.1:30080/")).returncode:
+            assert time.monotonic() < deadline, page.stderr
+            time.sleep(0.3)
+        assert page.stdout == "mapped\n"
+    finally:
+        pod.remove()
+    assert env.wait_clean() == []
+
+
 def test_guest_view_of_the_pod_network(cri: CriClient, env: Env) -> None:
     pb = cri.pb
     dns = pb.DNSConfig(
