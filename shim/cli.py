@@ -199,8 +199,8 @@ def _launch_daemon(args: Args, pod_id: str, path: Path, fds: tuple[int, int, int
     try:
         pid = forker.request_daemon(_daemon_flags(args, pod_id, path), os.environ, fds)
         return _Daemon(pid)
-    except forker.ForkerUnavailable:
-        if not forker.socket_path().exists():
+    except forker.ForkerUnavailable as err:
+        if err.stale or not forker.socket_path().exists():
             forker.launch()
     proc = subprocess.Popen(
         _daemon_argv(args, pod_id, path, fds),

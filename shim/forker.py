@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -58,7 +59,14 @@ def socket_path(key: str | None = None) -> Path:
 
 
 class ForkerUnavailable(Exception):
-    """No forker of this version answered; the caller spawns the daemon itself."""
+    """No forker of this version answered; the caller spawns the daemon itself.
+
+    `stale`: a socket file is there but nobody listens (a forker that was killed):
+    a new forker replaces it."""
+
+    def __init__(self, message: str, *, stale: bool = False) -> None:
+        super().__init__(message)
+        self.stale = stale
 
 
 def request_daemon(
@@ -73,7 +81,8 @@ def request_daemon(
         try:
             sock.connect(str(target))
         except OSError as err:
-            raise ForkerUnavailable(f"{target}: {err.strerror or err}") from None
+            stale = err.errno == errno.ECONNREFUSED
+            raise ForkerUnavailable(f"{target}: {err.strerror or err}", stale=stale) from None
         body = json.dumps({"argv": list(argv), "env": dict(env)}).encode()
         fd_array = array.array("i", fds)
         sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_array.tobytes())])
@@ -127,9 +136,16 @@ def main() -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        listener.bind(str(path))
+        try:
+            listener.bind(str(path))
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE or not _stale(path):
+                return 0  # another forker of this version serves already
+            # A killed forker's socket: nobody listens there any more.
+            path.unlink(missing_ok=True)
+            listener.bind(str(path))
     except OSError:
-        return 0  # another forker of this version serves already
+        return 0  # lost a race with another new forker
     finally:
         os.umask(old_umask)
     listener.listen(64)
@@ -150,6 +166,19 @@ def main() -> int:
         with contextlib.suppress(OSError):
             if path.exists():
                 path.unlink()
+
+
+def _stale(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
 
 
 def _serve_one(conn: socket.socket, listener: socket.socket) -> None:

@@ -95,6 +95,38 @@ def test_forked_daemon_is_not_the_forkers_child(sock_dir: Path, tmp_path: Path) 
                 os.kill(pid, 9)
 
 
+def test_a_killed_forkers_socket_is_replaced(sock_dir: Path) -> None:
+    """A forker killed by SIGKILL leaves its socket file: it is reported stale, and the
+    next forker takes the path over instead of taking it for a live one."""
+    path = sock_dir / "forker.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens
+    with pytest.raises(forker.ForkerUnavailable) as unavailable:
+        forker.request_daemon([], {}, (0, 1, 2), path=path)
+    assert unavailable.value.stale
+    boot = f"import sys; sys.path.insert(0, {str(REPO)!r}); from shim.forker import main; main()"
+    parent = subprocess.Popen(
+        [sys.executable, "-sE", "-c", boot, "--socket", str(path), " " * forker.ARGV_ROOM]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(path))
+                break
+            except ConnectionRefusedError:
+                assert parent.poll() is None, "the new forker gave up on the stale socket"
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            finally:
+                probe.close()
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 def test_no_forker_means_unavailable(sock_dir: Path) -> None:
     with pytest.raises(forker.ForkerUnavailable):
         forker.request_daemon([], {}, (0, 1, 2), path=sock_dir / "nobody.sock")
