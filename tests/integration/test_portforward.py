@@ -3,6 +3,7 @@ server (websocket), and the relay's semantics tested from the pod's netns direct
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import time
@@ -11,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from shim import portforward
 from shim.netns import run_in_netns
+from shim.state import pod_key
+from shim.vsock import connect_hybrid_vsock
 from tests.integration.cri import CriClient
 from tests.integration.ctr_fixtures import Env, containerd_env
 from tests.integration.pod_net import keep_netns, netns_state, pod_netns, release_netns
@@ -202,3 +206,33 @@ def test_relay_from_the_pod_netns_half_close_and_ipv6(
         return time.monotonic() - started
 
     assert run_in_netns(netns, refused) < 5
+
+
+def test_bad_relay_requests_are_refused_and_the_agent_keeps_serving(
+    cri: CriClient, env: Env, served: tuple[Pod, str]
+) -> None:
+    """The relay port is reachable by the host only, and what the host sends there is
+    checked: a port out of range is refused by name, garbage closes the stream."""
+    pod, cid = served
+    socket_path = env.state_dir / pod_key("k8s.io", pod.id) / "vm" / "vsock.sock"
+
+    async def dial() -> portforward.Streams:
+        until = asyncio.get_running_loop().time() + 10
+        return await connect_hybrid_vsock(socket_path, portforward.RELAY_PORT, deadline=until)
+
+    async def probe() -> tuple[str, bytes]:
+        with pytest.raises(portforward.RelayRefused) as refused:
+            await portforward.open_relay(dial, 70000, False)
+        reader, writer = await dial()
+        writer.write(b"\xff\xff\xff\xff" + b"x" * 64)  # a 4 GiB open request
+        await writer.drain()
+        rest = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return str(refused.value), rest
+
+    why, rest = asyncio.run(probe())
+    assert "port out of range" in why
+    assert rest == b""
+    assert pod.exec_sync(cid, ["true"])[2] == 0
+    got = forward(env.containerd.netns, port_forward(cri, pod, [8080]), [b""])
+    assert got.data == (b"token-8080\n",)
