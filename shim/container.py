@@ -85,6 +85,10 @@ class ContainerContext(PodServices, Protocol):
     async def wait_agent(self) -> AgentClient | None:
         """The agent, waiting through a reconnect; None once the VM or agent is gone."""
 
+    @property
+    def pod_files(self) -> Mapping[str, str]:
+        """containerd's per-pod files (resolv.conf, hosts) -> the guest's shared copy."""
+
 
 Publish = Callable[[Event], None]  # queues an event for containerd, in order
 
@@ -303,7 +307,7 @@ class AppContainer(_Task):
             spec_mounts = spec_mod.mounts_of(spec)
         except spec_mod.SpecError as err:
             raise spec_error(task.id, err) from err
-        copies = MountCopies(task.id, spec_mounts)
+        copies = MountCopies(task.id, spec_mounts, ctx.pod_files)
         # Mounts first: one that cannot be honoured is refused before any disk exists.
         await copies.plan()
         self = cls(task, kind, ctx, publish, disk=disk, copies=copies)

@@ -91,6 +91,8 @@ class Harness:
     def bundle(self, task_id: str, annotations: dict[str, str], **spec: Any) -> str:
         path = self.tmp / "bundles" / task_id
         path.mkdir(parents=True, exist_ok=True)
+        # A network namespace without a path: a new, empty one (no NIC to plug).
+        spec.setdefault("linux", {"namespaces": [{"type": "network"}]})
         (path / "config.json").write_text(json.dumps({"annotations": annotations, **spec}))
         return str(path)
 
