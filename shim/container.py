@@ -289,6 +289,10 @@ class AppContainer(_Task):
         super().__init__(task, kind, ctx, publish)
         self.disk = disk
         self.copies = copies
+        # In a PID namespace it does not own (the pod's, or the VM's), a container's
+        # processes do not die with its init: they are killed when it exits, as
+        # containerd's runc shim does.
+        self.kill_all_on_exit = False
 
     @classmethod
     async def create(
@@ -311,6 +315,7 @@ class AppContainer(_Task):
         # Mounts first: one that cannot be honoured is refused before any disk exists.
         await copies.plan()
         self = cls(task, kind, ctx, publish, disk=disk, copies=copies)
+        self.kill_all_on_exit = not spec_mod.owns_pid_namespace(spec)
         io = ProcessIO(task.stdio, task.id, ctx.namespace)
         try:
             await step("stdio", io.open())
@@ -484,7 +489,18 @@ class AppContainer(_Task):
             if result is not None:
                 status, at = result.exit_status, result.exited_at or time.time_ns()
                 break
+        if proc is self.init and self.kill_all_on_exit:
+            await self._kill_leftovers()
         await self.finish(proc, status, at)
+
+    async def _kill_leftovers(self) -> None:
+        agent = self._ctx.live_agent()
+        if agent is None:
+            return
+        try:
+            await agent.signal_process(self.id, "", 9, all_processes=True)
+        except ShimError as err:  # nothing left to kill is the usual answer
+            log.debug("event=kill_leftovers container=%s error=%r", self.id, str(err))
 
     async def vm_gone(self) -> None:
         """Everything that ran in the VM is gone with it."""

@@ -179,6 +179,17 @@ def pod_options(spec: Mapping[str, Any]) -> PodOptions:
     )
 
 
+def owns_pid_namespace(spec: Mapping[str, Any]) -> bool:
+    """Whether the container gets a PID namespace of its own: a `pid` entry with no
+    path (CRI's CONTAINER). One with a path (POD) or none at all (NODE) shares."""
+    linux = spec.get("linux") or {}
+    namespaces = (linux.get("namespaces") or []) if isinstance(linux, dict) else []
+    for entry in namespaces if isinstance(namespaces, list) else []:
+        if isinstance(entry, dict) and entry.get("type") == "pid":
+            return not entry.get("path")
+    return False
+
+
 def mounts_of(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The spec's mounts, each checked to be a JSON object."""
     raw = spec.get("mounts") or []

@@ -296,3 +296,33 @@ def test_empty_pod_hostname_is_the_nodes(cri: CriClient, env: Env) -> None:
     finally:
         pod.remove()
     assert env.wait_clean() == []
+
+
+def test_exit_in_a_shared_pid_namespace_kills_what_init_left(cri: CriClient, env: Env) -> None:
+    """In the pod's PID namespace a container's init is not PID 1, so its children
+    outlive it: they are killed when it exits (as containerd's runc shim does). The
+    exit is reported although one of them held the container's stdout."""
+    pod = pod_with(cri, env, "killall", pid="POD")
+    try:
+        watcher = pod.container("watcher", ["sleep", "603"], linux=in_namespaces(cri, pid="POD"))
+        leaver = pod.container(
+            "leaver",
+            ["sh", "-c", "(trap '' HUP TERM; exec sleep 605) & echo started; sleep 3; exit 3"],
+            linux=in_namespaces(cri, pid="POD"),
+        )
+        assert "sleep 605" in pod.exec_sync(watcher, ["ps", "-o", "args"])[0].decode()
+        deadline = time.monotonic() + 30
+        while True:
+            status = cri.runtime.ContainerStatus(
+                cri.pb.ContainerStatusRequest(container_id=leaver)
+            ).status
+            if status.state == cri.pb.CONTAINER_EXITED:
+                break
+            assert time.monotonic() < deadline, "the exit was not reported"
+            time.sleep(0.2)
+        assert status.exit_code == 3
+        ps = pod.exec_sync(watcher, ["ps", "-o", "args"])[0].decode()
+        assert "sleep 605" not in ps, ps
+    finally:
+        pod.remove()
+    assert env.wait_clean() == []

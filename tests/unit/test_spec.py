@@ -103,3 +103,12 @@ def test_host_network_is_refused_saying_why() -> None:
     assert spec.netns_of({"linux": {"namespaces": [{"type": "network"}]}}) == ""
     with pytest.raises(spec.SpecError, match="path is not a string"):
         spec.netns_of({"linux": {"namespaces": [{"type": "network", "path": 3}]}})
+
+
+def test_owns_pid_namespace() -> None:
+    assert spec.owns_pid_namespace({"linux": {"namespaces": [{"type": "pid"}]}})
+    assert not spec.owns_pid_namespace(
+        {"linux": {"namespaces": [{"type": "pid", "path": "/proc/7/ns/pid"}]}}
+    )
+    assert not spec.owns_pid_namespace({"linux": {"namespaces": [{"type": "ipc"}]}})
+    assert not spec.owns_pid_namespace({})
