@@ -1,11 +1,12 @@
-"""A container's CRI mounts inside the VM: small host files and directories, copied.
+"""A container's CRI mounts inside the VM: small host files and kubelet's file volumes, copied.
 
-`cri_mounts` decides (which mount is copied where, what changed); this module
-does the I/O around it: the host scan and file reads, off the event loop, and the
-agent's CopyFile calls. The copies live in the guest under
-`/run/cloudhv/mounts/<container id>/`, which the agent removes with the container
-(RemoveContainer, or a failed CreateContainer), so there is no host state and no
-record to persist.
+`cri_mounts` decides (which mount is copied where, which directory is shared
+instead, what changed); this module does the I/O around the copies: the host scan
+and file reads, off the event loop, and the agent's CopyFile calls. The copies
+live in the guest under `/run/cloudhv/mounts/<container id>/`, which the agent
+removes with the container (RemoveContainer, or a failed CreateContainer), so
+there is no host state and no record to persist. The shared directories the plan
+names (`shares`) are bound by shim/sharedfs.py.
 """
 
 from __future__ import annotations
@@ -27,9 +28,16 @@ log = logging.getLogger(__name__)
 class MountCopies:
     """The copied CRI mounts of one container, and the spec mounts rewritten to them."""
 
-    def __init__(self, container_id: str, spec_mounts: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        container_id: str,
+        spec_mounts: Sequence[Mapping[str, Any]],
+        *,
+        shared_root: str | None = cri_mounts.SHARED_ROOT,
+    ) -> None:
         self.container_id = container_id
         self._spec_mounts = tuple(spec_mounts)
+        self._shared_root = shared_root  # None: the pod has no virtio-fs
         self._plan: cri_mounts.MountPlan | None = None
 
     async def plan(self) -> None:
@@ -47,6 +55,11 @@ class MountCopies:
     @property
     def count(self) -> int:
         return len(self._require_plan().copies)
+
+    @property
+    def shares(self) -> tuple[cri_mounts.DirShare, ...]:
+        """The directories the plan shares through virtio-fs instead of copying."""
+        return self._require_plan().shares
 
     async def attach(self, agent: AgentClient) -> None:
         """Copy every planned file into the guest (directories before what they hold)."""
@@ -66,7 +79,9 @@ class MountCopies:
 
     async def _scan(self) -> cri_mounts.MountPlan:
         trees = await asyncio.to_thread(cri_mounts.scan_mounts, self._spec_mounts)
-        return cri_mounts.plan_mounts(self.container_id, self._spec_mounts, trees)
+        return cri_mounts.plan_mounts(
+            self.container_id, self._spec_mounts, trees, shared_root=self._shared_root
+        )
 
     def _require_plan(self) -> cri_mounts.MountPlan:
         if self._plan is None:
