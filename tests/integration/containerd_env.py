@@ -223,7 +223,8 @@ def leftovers(state_dir: Path, root: Path) -> list[str]:
             continue
         with contextlib.suppress(OSError):
             cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if str(state_dir) in cmdline and ("qemu" in cmdline or "vhost-device-vsock" in cmdline):
+            helpers = ("qemu", "vhost-device-vsock", "virtiofsd")
+            if str(state_dir) in cmdline and any(name in cmdline for name in helpers):
                 found.append(f"process {pid_dir.name}: {cmdline[:120]}")
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         target = line.split()[4]
