@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from shim.sharedfs import (
 )
 from shim.state import ResourceRecord
 from shim.vmm.base import SharedFsSpec, VmSpec
+from shim.vmm.procs import is_same_process, process_start_time
 from shim.vmm.qemu import QemuOptions, QemuVmm
 
 
@@ -106,3 +108,26 @@ def test_volume_cleanup_removes_its_dirs_and_keeps_its_neighbours(tmp_path: Path
     (tmp_path / "x").mkdir()
     assert undo_volume_host(record("../x")) == []
     assert (tmp_path / "x").exists()
+
+
+def test_crash_cleanup_kills_the_recorded_virtiofsd_and_only_it(tmp_path: Path) -> None:
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        start = process_start_time(child.pid)
+        assert start is not None
+        root = tmp_path / "fs"
+        stale = ResourceRecord(
+            KIND, "sharedfs", "", {"root": str(root), "pid": str(child.pid),
+                                   "start_time": str(start + 1)}
+        )
+        assert undo_host(stale) == []  # another process now has that pid: left alone
+        assert child.poll() is None
+        record = ResourceRecord(
+            KIND, "sharedfs", "", {"root": str(root), "pid": str(child.pid),
+                                   "start_time": str(start)}
+        )
+        assert undo_host(record) == [f"killed virtiofsd {child.pid}"]
+        assert not is_same_process(child.pid, start)  # killed, and reaped by the cleanup
+    finally:
+        child.kill()
+        child.wait()
