@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shim.bundle import socket_path
 from tests.integration.cri import CriClient
 from tests.integration.ctr_fixtures import Env, containerd_env, shim_processes
 from tests.integration.test_cri import Pod
@@ -234,13 +235,17 @@ def test_configmap_volume_is_a_copy_refreshed_on_update(cri: CriClient, env: Env
 
 
 def virtiofsd_pids(env: Env) -> list[int]:
-    found = []
+    """The virtiofsd daemons of our pods: the processes their namespace sandbox forks
+    (children of a virtiofsd) not counted."""
+    found: dict[int, int] = {}
     for pid_dir in Path("/proc").iterdir():
         with contextlib.suppress(OSError, ValueError):
-            cmdline = (pid_dir / "cmdline").read_bytes().decode()
-            if "virtiofsd" in cmdline and str(env.state_dir) in cmdline:
-                found.append(int(pid_dir.name))
-    return found
+            argv = (pid_dir / "cmdline").read_bytes().decode().split("\0")
+            if argv[0].endswith("virtiofsd") and str(env.state_dir) in " ".join(argv):
+                status = (pid_dir / "status").read_text()
+                ppid = int(status.split("PPid:")[1].split()[0])
+                found[int(pid_dir.name)] = ppid
+    return [pid for pid, ppid in found.items() if ppid not in found]
 
 
 def host_mounts_under(path: Path) -> list[str]:
@@ -284,5 +289,8 @@ def test_virtiofs_is_cleaned_up_after_a_killed_shim(cri: CriClient, env: Env) ->
     finally:
         pod.remove()
     assert env.wait_clean() == []
+    # containerd runs `delete` once per task, concurrently: the one that found the state
+    # may still be at it when the pod is gone from CRI; wait_clean waited for it.
+    assert not socket_path(str(env.containerd.address), "k8s.io", pod.id).exists()
     assert virtiofsd_pids(env) == [] and host_mounts_under(env.state_dir) == []
     assert (host / "keep").read_text() == "kept\n"
