@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.bundle import socket_path
 from tests.integration.busybox_tree import make_busybox_tree
 from tests.integration.containerd_env import (
     Containerd,
@@ -43,8 +45,25 @@ class Env:
                 found.append(f"mount {target}")
         for pid, cmdline in shim_processes(self.containerd):
             found.append(f"shim {pid}: {cmdline[:100]}")
-        found += [f"shim socket {p}" for p in shim_sockets() - self.sockets_before]
+        new_sockets = shim_sockets() - self.sockets_before
+        found += [f"shim socket {p}" for p in self.own_sockets(new_sockets)]
         return found
+
+    def own_sockets(self, sockets: frozenset[Path]) -> list[Path]:
+        """Those of `sockets` a shim of this containerd would bind. The directory is the
+        whole machine's: other containerds (other test runs) add and remove theirs at any
+        time. A shim's socket is named after containerd's address, the namespace and the
+        task group's id (shim/bundle.py), and every id this containerd served is in its
+        log."""
+        log = (self.containerd.root / "containerd.log").read_text(errors="replace")
+        ids = set(re.findall(r"\bid=\"?([A-Za-z0-9][A-Za-z0-9._-]*)", log))
+        address = str(self.containerd.address)
+        ours = {
+            socket_path(address, namespace, task_id)
+            for task_id in ids
+            for namespace in ("default", "k8s.io")
+        }
+        return sorted(p for p in sockets if p in ours)
 
     def restart_containerd(self, down_s: float = 4.0) -> None:
         """containerd goes away for `down_s` seconds and comes back; pods keep running."""
