@@ -64,6 +64,15 @@ class SharedFsSpec:
 
 
 @dataclass(frozen=True)
+class HostDir:
+    """A directory whose files may be plugged into the VM later (container disks, cached
+    images): a VMM confined to the pod's own paths must be allowed into it from boot."""
+
+    path: Path
+    writable: bool
+
+
+@dataclass(frozen=True)
 class VmSpec:
     """Everything needed to boot one pod VM."""
 
@@ -75,6 +84,7 @@ class VmSpec:
     max_vcpus: int
     memory_mib: int
     shared_fs: SharedFsSpec | None = None  # the pod's virtio-fs device, if it has one
+    host_dirs: tuple[HostDir, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@ from tests.integration import guest_artifacts
 REPO = Path(__file__).resolve().parents[2]
 SHIM_BIN_DIR = REPO / "build" / "bin"
 RUNTIME = "io.containerd.cloudhv.v1"
+CH_STANDIN = REPO / "tests" / "chsim" / "cloud-hypervisor"
+# The VMM backends the containerd suites run through: QEMU, and Cloud Hypervisor as
+# the spec-checking stand-in (tests/chsim) plays it.
+VMMS = ("qemu", "cloud-hypervisor")
 
 CONFIG_TOML = """\
 version = 2
@@ -74,10 +78,11 @@ CNI_CONFLIST = {
 }
 
 
-def shim_config(state_dir: Path, **overrides: object) -> dict[str, object]:
+def shim_config(state_dir: Path, vmm: str = "qemu", **overrides: object) -> dict[str, object]:
     config: dict[str, object] = {
-        "vmm": "qemu",
+        "vmm": vmm,
         "qemu": {"accel": os.environ.get("CLOUDHV_ACCEL", "tcg"), "hotplug_slots": 8},
+        "cloud_hypervisor": {"binary": str(CH_STANDIN), "hotplug_slots": 8},
         "kernel_path": str(guest_artifacts.kernel()),
         "rootfs_path": str(guest_artifacts.rootfs()),
         "kernel_args": "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 quiet",
@@ -206,8 +211,10 @@ def _unmount_under(root: Path) -> None:
         subprocess.run(["umount", "-l", target], check=False)
 
 
-def write_shim_config(path: Path, state_dir: Path, **overrides: object) -> Path:
-    path.write_text(json.dumps(shim_config(state_dir, **overrides), indent=2))
+def write_shim_config(
+    path: Path, state_dir: Path, vmm: str = "qemu", **overrides: object
+) -> Path:
+    path.write_text(json.dumps(shim_config(state_dir, vmm, **overrides), indent=2))
     return path
 
 
@@ -223,8 +230,8 @@ def leftovers(state_dir: Path, root: Path) -> list[str]:
             continue
         with contextlib.suppress(OSError):
             cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            helpers = ("qemu", "vhost-device-vsock", "virtiofsd")
-            if str(state_dir) in cmdline and any(name in cmdline for name in helpers):
+            vm_program = ("qemu", "vhost-device-vsock", "chsim", "cloud-hypervisor", "virtiofsd")
+            if str(state_dir) in cmdline and any(name in cmdline for name in vm_program):
                 found.append(f"process {pid_dir.name}: {cmdline[:120]}")
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         target = line.split()[4]

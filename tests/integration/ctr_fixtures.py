@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shim.bundle import socket_path
 from tests.integration.busybox_tree import make_busybox_tree
 from tests.integration.containerd_env import (
     Containerd,
@@ -36,6 +35,11 @@ class Env:
     state_dir: Path  # the shim's state_dir (config)
     scratch: Path
     sockets_before: frozenset[Path] = frozenset()
+    vmm: str = "qemu"  # the config's VMM backend
+
+    @property
+    def config_path(self) -> Path:
+        return self.scratch / "shim.json"
 
     def leftovers(self) -> list[str]:
         found = leftovers(self.state_dir, self.containerd.root)
@@ -45,25 +49,11 @@ class Env:
                 found.append(f"mount {target}")
         for pid, cmdline in shim_processes(self.containerd):
             found.append(f"shim {pid}: {cmdline[:100]}")
-        new_sockets = shim_sockets() - self.sockets_before
-        found += [f"shim socket {p}" for p in self.own_sockets(new_sockets)]
+        ours = _sockets_of(self.containerd)
+        found += [
+            f"shim socket {p}" for p in shim_sockets() - self.sockets_before if p.name in ours
+        ]
         return found
-
-    def own_sockets(self, sockets: frozenset[Path]) -> list[Path]:
-        """Those of `sockets` a shim of this containerd would bind. The directory is the
-        whole machine's: other containerds (other test runs) add and remove theirs at any
-        time. A shim's socket is named after containerd's address, the namespace and the
-        task group's id (shim/bundle.py), and every id this containerd served is in its
-        log."""
-        log = (self.containerd.root / "containerd.log").read_text(errors="replace")
-        ids = set(re.findall(r"\bid=\"?([A-Za-z0-9][A-Za-z0-9._-]*)", log))
-        address = str(self.containerd.address)
-        ours = {
-            socket_path(address, namespace, task_id)
-            for task_id in ids
-            for namespace in ("default", "k8s.io")
-        }
-        return sorted(p for p in sockets if p in ours)
 
     def restart_containerd(self, down_s: float = 4.0) -> None:
         """containerd goes away for `down_s` seconds and comes back; pods keep running."""
@@ -86,6 +76,13 @@ def shim_sockets() -> frozenset[Path]:
     return frozenset(SHIM_SOCKET_DIR.iterdir())
 
 
+def _sockets_of(containerd: Containerd) -> set[str]:
+    """Names of the shim sockets this containerd's shims used, from its debug log (the
+    shims log their socket): /run/containerd/s is shared with other test runs."""
+    log = (containerd.root / "containerd.log").read_text(errors="replace")
+    return set(re.findall(r"/run/containerd/s/([0-9a-f]{64})", log))
+
+
 def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
     """Our shim daemons serving this containerd (their argv names its socket)."""
     found = []
@@ -100,11 +97,13 @@ def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
 
 
 @contextlib.contextmanager
-def containerd_env(**config_overrides: object) -> Iterator[Env]:
+def containerd_env(vmm: str = "qemu", **config_overrides: object) -> Iterator[Env]:
+    """A private containerd with our runtime, the shim configured for `vmm` ("qemu", or
+    "cloud-hypervisor": the stand-in in tests/chsim as the binary)."""
     scratch = Path(tempfile.mkdtemp(prefix="chv-", dir="/run"))
     try:
         state_dir = scratch / "state"
-        config = write_shim_config(scratch / "shim.json", state_dir, **config_overrides)
+        config = write_shim_config(scratch / "shim.json", state_dir, vmm, **config_overrides)
         tree = make_busybox_tree(scratch / "tree")
         busybox = build_image([tree], BUSYBOX, ["sh"], scratch / "busybox.tar")
         pause = build_image([tree], PAUSE, ["sleep", "2147483647"], scratch / "pause.tar")
@@ -117,6 +116,7 @@ def containerd_env(**config_overrides: object) -> Iterator[Env]:
                 state_dir=state_dir,
                 scratch=scratch,
                 sockets_before=shim_sockets(),
+                vmm=vmm,
             )
             try:
                 yield env
