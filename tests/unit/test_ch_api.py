@@ -97,6 +97,7 @@ def test_the_bodies_carry_every_field_the_backend_ever_sets() -> None:
         "memory", "memory.size", "memory.shared",
         "disks", "disks.[].path", "disks.[].readonly", "disks.[].serial", "disks.[].id",
         "disks.[].image_type",
+        "fs", "fs.[].tag", "fs.[].socket", "fs.[].num_queues", "fs.[].queue_size", "fs.[].id",
         "vsock", "vsock.cid", "vsock.socket", "vsock.id",
         "rng", "rng.src",
         "serial", "serial.mode", "serial.socket",
