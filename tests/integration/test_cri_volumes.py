@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from shim.bundle import socket_path
+from tests.integration.containerd_env import VMMS
 from tests.integration.cri import CriClient
 from tests.integration.ctr_fixtures import Env, containerd_env, shim_processes
 from tests.integration.test_cri import Pod
@@ -26,9 +27,10 @@ from tests.integration.test_cri import Pod
 COPY_LIMIT = 4 << 20  # the most a copied directory holds (shim/cri_mounts.py)
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
-    with containerd_env(max_containers_per_vm=5) as env:
+@pytest.fixture(scope="module", params=VMMS)
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    """Once with QEMU, once with Cloud Hypervisor (the stand-in): the same virtio-fs."""
+    with containerd_env(request.param, max_containers_per_vm=5) as env:
         yield env
 
 
