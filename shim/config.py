@@ -120,7 +120,7 @@ class Config:
     default_memory_mib: Annotated[int, Range(ge=64)] = 256
     max_containers_per_vm: Annotated[int, Range(ge=1)] = 5
     agent_port: Annotated[int, Range(ge=1, le=0xFFFFFFFF)] = 1024
-    agent_startup_timeout_s: Annotated[float, Range(gt=0)] = 20.0
+    agent_startup_timeout_s: Annotated[float, Range(gt=0)] = 30.0
     # A dropped agent connection may come back within this; then the pod is failed.
     agent_reconnect_timeout_s: Annotated[float, Range(gt=0)] = 5.0
     # Health is asked this often; this many unanswered in a row mean a hung agent.

@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,15 @@ from shim.config import Config
 from shim.devices import DeviceManager
 from shim.errors import ShimError, Unavailable
 from shim.hostmount import unmount_under
+from shim.network import PodNetwork
+from shim.portforward import RELAY_PORT, PortForward
 from shim.resource import step
 from shim.session import AgentSession
 from shim.sharedfs import FsHost, Layout, SharedFs
 from shim.spec import PodOptions
 from shim.state import PodState, ProcRef, ResourceRecord, StateStore, pod_key
 from shim.vmm.base import HostDir, Vmm, VmSpec
+from shim.vsock import connect_hybrid_vsock
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,8 @@ class Sandbox:
             fs_host = FsHost(config.virtiofs)
         self._fs_host = fs_host
         self._shared_fs: SharedFs | None = None
+        self._network: PodNetwork | None = None
+        self._portfwd: PortForward | None = None
         self._vm_exit: int | None = None
         self._stopping = False  # the VM is being stopped on purpose
         self._stop_task: asyncio.Task[None] | None = None
@@ -174,6 +179,11 @@ class Sandbox:
     def shared_fs(self) -> SharedFs | None:
         """The pod's virtio-fs while the VM runs; None without one (config off)."""
         return self._shared_fs if self.running else None
+
+    @property
+    def pod_files(self) -> Mapping[str, str]:
+        """containerd's per-pod files (resolv.conf, hosts) -> the guest's copy of each."""
+        return dict(self._network.pod_files) if self._network is not None else {}
 
     def require_agent(self) -> AgentClient:
         agent = self.live_agent()
@@ -270,6 +280,17 @@ class Sandbox:
         kernel = await step("guest setup", self._setup_guest(agent, hostname, pod))
         if self._shared_fs is not None:
             await self._shared_fs.attach_guest(self)
+        if pod.netns:
+            # After SetupPod, which writes the guest's default hosts file.
+            self._network = PodNetwork(pod.netns, hostname, resolv_conf=pod.resolv_conf)
+            await step("network", self._network.attach(self))
+
+            async def dial_relay() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                until = asyncio.get_running_loop().time() + GUEST_CALL_TIMEOUT_S
+                return await connect_hybrid_vsock(vmm.agent_socket, RELAY_PORT, deadline=until)
+
+            self._portfwd = PortForward(pod.netns, dial_relay)
+            await step("port forward", self._portfwd.attach(self))
         return kernel
 
     async def _record_process(self, role: str, pid: int, start_time: int) -> None:
@@ -329,6 +350,12 @@ class Sandbox:
         if shared_fs is not None:  # after the VMM: virtiofsd serves it to the end
             await shared_fs.detach(self)
         await self.save(vmm=None, helpers=())
+        portfwd, self._portfwd = self._portfwd, None
+        if portfwd is not None:
+            await portfwd.detach(self)
+        network, self._network = self._network, None
+        if network is not None:
+            await network.detach(self)  # the VM is gone: the host side only
         cgroup, self._cgroup = self._cgroup, None
         if cgroup is not None:
             await cgroup.detach(self)

@@ -32,11 +32,13 @@ class MountCopies:
         self,
         container_id: str,
         spec_mounts: Sequence[Mapping[str, Any]],
+        pod_files: Mapping[str, str] | None = None,
         *,
         shared_root: str | None = cri_mounts.SHARED_ROOT,
     ) -> None:
         self.container_id = container_id
         self._spec_mounts = tuple(spec_mounts)
+        self._pod_files = dict(pod_files or {})
         self._shared_root = shared_root  # None: the pod has no virtio-fs
         self._plan: cri_mounts.MountPlan | None = None
 
@@ -78,9 +80,15 @@ class MountCopies:
         return len(changed)
 
     async def _scan(self) -> cri_mounts.MountPlan:
-        trees = await asyncio.to_thread(cri_mounts.scan_mounts, self._spec_mounts)
+        trees = await asyncio.to_thread(
+            cri_mounts.scan_mounts, self._spec_mounts, skip=frozenset(self._pod_files)
+        )
         return cri_mounts.plan_mounts(
-            self.container_id, self._spec_mounts, trees, shared_root=self._shared_root
+            self.container_id,
+            self._spec_mounts,
+            trees,
+            pod_files=self._pod_files,
+            shared_root=self._shared_root,
         )
 
     def _require_plan(self) -> cri_mounts.MountPlan:

@@ -9,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{root}/cni/net.d"
+    max_conf_num = {max_conf_num}
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -73,7 +74,49 @@ CNI_CONFLIST = {
                 "routes": [{"dst": "0.0.0.0/0"}],
             },
         },
+        # hostPort mappings, as on a node (iptables DNAT in containerd's namespace).
+        {"type": "portmap", "capabilities": {"portMappings": True}},
         {"type": "loopback"},
+    ],
+}
+
+# Dual stack: host-local gives each pod an IPv4 and an IPv6 address on one bridge.
+CNI_DUAL_STACK = {
+    "cniVersion": "1.0.0",
+    "name": "cloudhv-test-dual",
+    "plugins": [
+        {
+            "type": "bridge",
+            "bridge": "cloudhv-br0",
+            "isGateway": True,
+            "ipMasq": False,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": "10.89.0.0/16"}], [{"subnet": "fd89::/64"}]],
+                "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+            },
+        },
+        {"type": "loopback"},
+    ],
+}
+
+# A second network: with max_conf_num = 2 containerd adds it as the pod's eth1. No
+# default route (eth0 has it), one route of its own through its gateway.
+CNI_SECOND = {
+    "cniVersion": "1.0.0",
+    "name": "cloudhv-test-second",
+    "plugins": [
+        {
+            "type": "bridge",
+            "bridge": "cloudhv-br1",
+            "isGateway": True,
+            "ipMasq": False,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": "10.90.0.0/16"}]],
+                "routes": [{"dst": "10.91.0.0/16"}],
+            },
+        },
     ],
 }
 
@@ -85,9 +128,12 @@ def shim_config(state_dir: Path, vmm: str = "qemu", **overrides: object) -> dict
         "cloud_hypervisor": {"binary": str(CH_STANDIN), "hotplug_slots": 8},
         "kernel_path": str(guest_artifacts.kernel()),
         "rootfs_path": str(guest_artifacts.rootfs()),
-        "kernel_args": "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 quiet",
+        "kernel_args": "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 no_timer_check quiet",
         "default_vcpus": 1,
         "default_memory_mib": 256,
+        # Test runs share two cores with other suites: a boot may take many times
+        # its idle 2 s.
+        "agent_startup_timeout_s": 90,
         "state_dir": str(state_dir),
         "disk_dir": str(state_dir.parent / "disks"),
         "debug": True,
@@ -141,19 +187,34 @@ def ensure_shim_wrapper() -> Path:
 
 
 @contextlib.contextmanager
-def running_containerd(root: Path, shim_config_path: Path) -> Iterator[Containerd]:
-    """Start containerd with a private root/state/sockets; stop it and unmount its state."""
+def running_containerd(
+    root: Path, shim_config_path: Path, cni: Sequence[dict[str, object]] = (CNI_CONFLIST,)
+) -> Iterator[Containerd]:
+    """Start containerd with a private root/state/sockets; stop it and unmount its state.
+
+    `cni` are the conflists of the test-only CNI conf dir, in order: each one is a
+    network of every pod (eth0, eth1, ...)."""
     shim = ensure_shim_wrapper()
     (root / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
-    (root / "cni" / "net.d" / "10-cloudhv-test.conflist").write_text(json.dumps(CNI_CONFLIST))
+    for index, conflist in enumerate(cni):
+        (root / "cni" / "net.d" / f"{10 + index}-cloudhv-test.conflist").write_text(
+            json.dumps(conflist)
+        )
     # containerd (and so CNI's bridge and every pod) lives in a namespace this test made:
     # nothing touches the host's own network.
-    netns = f"cloudhv-test-{os.getpid()}-{root.name[-8:]}"
+    # Named after the scratch dir too: one test process may run several containerds.
+    netns = f"cloudhv-test-{os.getpid()}-{root.parent.name[-8:]}-{root.name[-8:]}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
     config = root / "config.toml"
     config.write_text(
-        CONFIG_TOML.format(root=root, runtime=RUNTIME, shim=shim, shim_config=shim_config_path)
+        CONFIG_TOML.format(
+            root=root,
+            runtime=RUNTIME,
+            shim=shim,
+            shim_config=shim_config_path,
+            max_conf_num=len(cni),
+        )
     )
     containerd = Containerd(root=root, process=_start(root, config, netns, shim_config_path),
                             netns=netns)

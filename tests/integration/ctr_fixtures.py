@@ -9,12 +9,13 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.integration.busybox_tree import make_busybox_tree
 from tests.integration.containerd_env import (
+    CNI_CONFLIST,
     Containerd,
     cleanup_dir,
     import_image,
@@ -97,9 +98,14 @@ def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
 
 
 @contextlib.contextmanager
-def containerd_env(vmm: str = "qemu", **config_overrides: object) -> Iterator[Env]:
+def containerd_env(
+    vmm: str = "qemu",
+    cni: Sequence[dict[str, object]] = (CNI_CONFLIST,),
+    **config_overrides: object,
+) -> Iterator[Env]:
     """A private containerd with our runtime, the shim configured for `vmm` ("qemu", or
-    "cloud-hypervisor": the stand-in in tests/chsim as the binary)."""
+    "cloud-hypervisor": the stand-in in tests/chsim as the binary), and `cni`'s
+    conflists in its CNI conf dir."""
     scratch = Path(tempfile.mkdtemp(prefix="chv-", dir="/run"))
     try:
         state_dir = scratch / "state"
@@ -107,7 +113,7 @@ def containerd_env(vmm: str = "qemu", **config_overrides: object) -> Iterator[En
         tree = make_busybox_tree(scratch / "tree")
         busybox = build_image([tree], BUSYBOX, ["sh"], scratch / "busybox.tar")
         pause = build_image([tree], PAUSE, ["sleep", "2147483647"], scratch / "pause.tar")
-        with running_containerd(scratch / "ctrd", config) as containerd:
+        with running_containerd(scratch / "ctrd", config, cni) as containerd:
             for namespace in ("default", "k8s.io"):
                 import_image(containerd, busybox, namespace)
                 import_image(containerd, pause, namespace)

@@ -48,6 +48,9 @@ class Pod:
         cpu_quota: int = 0,
         hostname: str | None = None,
         linux: Any = None,
+        dns_config: Any = None,
+        handler: str = HANDLER,
+        port_mappings: Any = (),
     ) -> None:
         pb = cri.pb
         self.cri, self.pb = cri, pb
@@ -68,10 +71,12 @@ class Pod:
             log_directory=str(self.log_dir),
             annotations=annotations or {},
             linux=linux,
+            dns_config=dns_config,
+            port_mappings=list(port_mappings),
         )
         started = time.monotonic()
         self.id = cri.runtime.RunPodSandbox(
-            pb.RunPodSandboxRequest(config=self.config, runtime_handler=HANDLER), timeout=180
+            pb.RunPodSandboxRequest(config=self.config, runtime_handler=handler), timeout=180
         ).pod_sandbox_id
         self.run_seconds = time.monotonic() - started
 

@@ -32,7 +32,7 @@ def test_defaults() -> None:
     assert (cfg.default_vcpus, cfg.default_max_vcpus, cfg.default_memory_mib) == (1, 2, 256)
     assert cfg.max_containers_per_vm == 5
     assert cfg.agent_port == 1024
-    assert cfg.agent_startup_timeout_s == 20
+    assert cfg.agent_startup_timeout_s == 30
     assert cfg.state_dir == Path("/run/cloudhv")
     assert cfg.cache_dir == Path("/var/cache/cloudhv/rootfs")
     assert cfg.debug is False
