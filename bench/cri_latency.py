@@ -1,8 +1,11 @@
 """CRI call latencies through containerd 1.6 and the cloudhv runtime handler.
 
-Usage: python -m bench.cri_latency [-n 5]   (root, from the repository root, PYTHONPATH=.)
+Usage: python -m bench.cri_latency [-n 5] [--volume] [--no-virtiofs]
+(root, from the repository root, PYTHONPATH=.)
 Runs N pods one after another (one busybox container each, 1 vCPU / 256 MiB) and
-prints the median and range of each call, timed at the CRI client.
+prints the median and range of each call, timed at the CRI client. --volume gives the
+container a hostPath directory (shared through virtio-fs); --no-virtiofs boots the pods
+without the virtio-fs device (config virtiofs.enabled false).
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ HANDLER = "cloudhv"
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=5)
+    parser.add_argument("--volume", action="store_true", help="a hostPath dir per container")
+    parser.add_argument("--no-virtiofs", action="store_true", help="virtiofs.enabled false")
     args = parser.parse_args()
     times: dict[str, list[float]] = defaultdict(list)
+    overrides: dict[str, object] = {"virtiofs": {"enabled": False}} if args.no_virtiofs else {}
 
-    with containerd_env() as env:
+    with containerd_env(**overrides) as env:
         cri = CriClient(env.containerd.address)
         pb, rt = cri.pb, cri.runtime
 
@@ -45,11 +51,17 @@ def main() -> None:
             )
             run = pb.RunPodSandboxRequest(config=config, runtime_handler=HANDLER)
             pod = timed("RunPodSandbox", run).pod_sandbox_id
+            mounts = []
+            if args.volume:
+                volume = env.scratch / "volumes" / str(index)
+                volume.mkdir(parents=True)
+                mounts.append(pb.Mount(container_path="/data", host_path=str(volume)))
             container = pb.ContainerConfig(
                 metadata=pb.ContainerMetadata(name="app"),
                 image=pb.ImageSpec(image=BUSYBOX),
                 command=["sleep", "600"],
                 log_path="app.log",
+                mounts=mounts,
             )
             create = pb.CreateContainerRequest(
                 pod_sandbox_id=pod, config=container, sandbox_config=config

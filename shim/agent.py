@@ -303,7 +303,15 @@ class _ContainerCalls(_Connection):
         return str(resp.device)
 
     async def unmount_disk(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        """Unmount `target` (a disk, or the shared fs)."""
         await self._call("UnmountDisk", _pb.UnmountDiskRequest(target=target), None, timeout)
+
+    async def mount_shared_fs(
+        self, tag: str, target: str, *, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> None:
+        """Mount the VM's virtio-fs device `tag` on `target` (made if missing)."""
+        req = _pb.MountSharedFsRequest(tag=tag, target=target)
+        await self._call("MountSharedFs", req, None, timeout)
 
     # Containers and processes.
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shim import cgroups, network, portforward
+from shim import cgroups, network, portforward, sharedfs
 from shim.hostmount import unmount_under
 from shim.rootfs import disk
 from shim.state import PodState, ResourceRecord, StateStore
@@ -30,6 +30,8 @@ HOST_UNDO: dict[str, HostUndo] = {
     cgroups.KIND: cgroups.undo_host,
     network.KIND: network.undo_host,
     portforward.KIND: portforward.undo_host,
+    sharedfs.KIND: sharedfs.undo_host,
+    sharedfs.VOLUME_KIND: sharedfs.undo_volume_host,
 }
 
 

@@ -89,12 +89,29 @@ class CloudHypervisorConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VirtiofsConfig:
+    """Directory volumes shared live with the guest (docs/volumes.md)."""
+
+    __pydantic_config__ = _FORBID_EXTRA
+
+    # Off: no virtiofsd and no virtio-fs device; a directory volume that is not
+    # kubelet's small-file kind is then refused at create.
+    enabled: bool = True
+    # The C virtiofsd of Debian 12's QEMU (package qemu-system-common). Its command
+    # line is the one spoken (`--socket-path`, `-o source=`), checked at pod boot.
+    binary: Path = Path("/usr/lib/qemu/virtiofsd")
+    # How long the guest may trust what it looked up: auto (1 s), always, none.
+    cache: Literal["auto", "always", "none"] = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     __pydantic_config__ = _FORBID_EXTRA
 
     vmm: Literal["qemu", "cloud-hypervisor"]
     qemu: QemuConfig = field(default_factory=QemuConfig)
     cloud_hypervisor: CloudHypervisorConfig = field(default_factory=CloudHypervisorConfig)
+    virtiofs: VirtiofsConfig = field(default_factory=VirtiofsConfig)
     kernel_path: Path
     rootfs_path: Path
     kernel_args: str
@@ -212,9 +229,15 @@ def parse(data: Any, source: str = "config") -> Config:
     import pydantic
 
     try:
-        return pydantic.TypeAdapter(Config).validate_python(data)
+        config = pydantic.TypeAdapter(Config).validate_python(data)
     except pydantic.ValidationError as err:
         raise ConfigError(f"{source}: {describe(err.errors(include_url=False))}") from None
+    if not config.virtiofs.binary.is_absolute():
+        raise ConfigError(
+            f"{source}: virtiofs.binary: must be an absolute path "
+            f"(got {str(config.virtiofs.binary)!r})"
+        )
+    return config
 
 
 def describe(errors: Sequence[Mapping[str, Any]]) -> str:

@@ -2,8 +2,9 @@
 
 Two kinds of task live in a pod, with the same methods:
 
-- `AppContainer`: a container crun runs in the guest. Its root disk and copied
-  mounts are resources it owns (shim/rootfs/disk.py, shim/volumes.py); its init
+- `AppContainer`: a container crun runs in the guest. Its root disk, copied
+  mounts and shared directory volumes are resources it owns (shim/rootfs/disk.py,
+  shim/volumes.py, shim/sharedfs.py); its init
   and exec processes each have a `ContainerProcess` (state machine + host stdio).
 - `SandboxTask`: CRI's pause container, which *is* the VM: its pid is the VMM's,
   it exits when the VM does, and a signal sent to it stops the VM.
@@ -46,6 +47,7 @@ from shim.events import (
 from shim.process import Process
 from shim.resource import PodServices, step
 from shim.rootfs.disk import ContainerDisk
+from shim.sharedfs import SharedFs, SharedVolumes
 from shim.stdio import Guest, ProcessIO
 from shim.types import (
     ContainerStats,
@@ -81,6 +83,10 @@ class ContainerContext(PodServices, Protocol):
 
     def require_agent(self) -> AgentClient:
         """The agent, or Unavailable when the VM is not running."""
+
+    @property
+    def shared_fs(self) -> SharedFs | None:
+        """The pod's virtio-fs, where directory volumes are bound; None without one."""
 
     async def wait_agent(self) -> AgentClient | None:
         """The agent, waiting through a reconnect; None once the VM or agent is gone."""
@@ -285,10 +291,12 @@ class AppContainer(_Task):
         *,
         disk: ContainerDisk,
         copies: MountCopies,
+        volumes: SharedVolumes,
     ) -> None:
         super().__init__(task, kind, ctx, publish)
         self.disk = disk
         self.copies = copies
+        self.volumes = volumes
         # In a PID namespace it does not own (the pod's, or the VM's), a container's
         # processes do not die with its init: they are killed when it exits, as
         # containerd's runc shim does.
@@ -311,15 +319,24 @@ class AppContainer(_Task):
             spec_mounts = spec_mod.mounts_of(spec)
         except spec_mod.SpecError as err:
             raise spec_error(task.id, err) from err
-        copies = MountCopies(task.id, spec_mounts, ctx.pod_files)
+        shared_fs = ctx.shared_fs
+        copies = MountCopies(
+            task.id,
+            spec_mounts,
+            ctx.pod_files,
+            shared_root=shared_fs.guest_root if shared_fs else None,
+        )
         # Mounts first: one that cannot be honoured is refused before any disk exists.
         await copies.plan()
-        self = cls(task, kind, ctx, publish, disk=disk, copies=copies)
+        volumes = SharedVolumes(task.id, copies.shares)
+        self = cls(task, kind, ctx, publish, disk=disk, copies=copies, volumes=volumes)
         self.kill_all_on_exit = not spec_mod.owns_pid_namespace(spec)
         io = ProcessIO(task.stdio, task.id, ctx.namespace)
         try:
             await step("stdio", io.open())
             await disk.attach(ctx)
+            t0 = time.monotonic()
+            await volumes.attach(ctx, shared_fs)
             t1 = time.monotonic()
             await copies.attach(agent)
             t2 = time.monotonic()
@@ -338,6 +355,7 @@ class AppContainer(_Task):
             log.info("event=container_create_failed container=%s error=%r", task.id, str(err))
             await io.close()
             await self._remove_from_guest()
+            await volumes.detach(ctx)
             await disk.detach(ctx)
             if isinstance(err, ShimError):
                 raise type(err)(f"create {task.id}: {err}") from err
@@ -345,10 +363,10 @@ class AppContainer(_Task):
         self.init.io = io
         log.info(
             "event=container_created container=%s disk=%s disk_mib=%d rootfs_ms=%d "
-            "plug_mount_ms=%d copies=%d copy_ms=%d create_ms=%d",
+            "plug_mount_ms=%d shares=%d share_ms=%d copies=%d copy_ms=%d create_ms=%d",
             task.id, disk.id, disk.size >> 20, disk.timings_ms.get("rootfs_ms", 0),
-            disk.timings_ms.get("plug_mount_ms", 0), copies.count, (t2 - t1) * 1000,
-            (time.monotonic() - t2) * 1000,
+            disk.timings_ms.get("plug_mount_ms", 0), len(volumes.shares), (t1 - t0) * 1000,
+            copies.count, (t2 - t1) * 1000, (time.monotonic() - t2) * 1000,
         )
         return self
 
@@ -562,6 +580,7 @@ class AppContainer(_Task):
         await self.close_io_all()
         self.execs.clear()
         await self._remove_from_guest()
+        await self.volumes.detach(self._ctx)
         await self.disk.detach(self._ctx)
 
     async def _remove_from_guest(self) -> None:

@@ -1,7 +1,7 @@
-"""CRI's mounts, made to work inside the VM: copy what is small, refuse the rest.
+"""CRI's mounts, made to work inside the VM: share directories, copy small files, refuse the rest.
 
 CRI hands each container an OCI spec whose bind mounts name host paths that do
-not exist in the guest. Every mount in the spec is classified:
+not exist in the guest. Every mount in the spec is classified (docs/volumes.md):
 
 - Kernel and guest filesystems (proc, sysfs, devpts, mqueue, tmpfs, cgroup,
   cgroup2) are kept as they are.
@@ -16,23 +16,32 @@ not exist in the guest. Every mount in the spec is classified:
   CopyFile, at `<guest_root>/<container id>/<n>` (n = the mount's index in the
   spec), and the mount's source is rewritten to that path; type and options
   (ro/rw, propagation) stay.
-- A bind mount of a small host directory (ConfigMap/Secret style) is copied the
-  same way, tree and all: directories, regular files and symlinks that stay
-  inside it, with their modes and owners.
-- Anything else (a device, socket or FIFO, a big directory, another filesystem
-  type) is an InvalidArgument naming the mount's destination, its source and
-  why, never a silent drop.
+- A bind mount of one of kubelet's small-file volume directories (ConfigMap,
+  Secret, projected, downward API: `.../volumes/kubernetes.io~configmap/<name>`
+  and the like) is copied the same way, tree and all: directories, regular files
+  and symlinks that stay inside it, with their modes and owners.
+- A bind mount of any other host directory (hostPath, emptyDir, a PVC's
+  filesystem) is shared, live in both directions, through the pod's virtio-fs
+  (shim/sharedfs.py): a `DirShare` says which host directory goes where, and the
+  mount's source is rewritten to `<shared_root>/<container id>/<n>` in the guest.
+  Its propagation is honoured on the host side: `rslave` sees mounts the host
+  makes under it later, `rprivate` does not; `rshared` is refused (a mount made
+  in the VM cannot reach the host).
+- Anything else (a device, socket or FIFO, another filesystem type) is an
+  InvalidArgument naming the mount's destination, its source and why, never a
+  silent drop.
 
-The guest root is `/run/cloudhv/mounts`, not the container's bundle directory
-(`/run/cloudhv/containers/<id>`): the agent's CreateContainer empties the bundle
-directory first, so copies made before it would vanish.
+The guest root of copies is `/run/cloudhv/mounts`, not the container's bundle
+directory (`/run/cloudhv/containers/<id>`): the agent's CreateContainer empties the
+bundle directory first, so copies made before it would vanish.
 
 A copy is a snapshot. What the container writes stays in the VM (a read-write
-directory is noted in `MountPlan.notes` so the caller can log it), and what
-changes on the host later reaches the guest only through `changed_copies()`.
+copy is noted in `MountPlan.notes` so the caller can log it), and what changes
+on the host later reaches the guest only through `changed_copies()`.
 
-The I/O is `scan_mounts()` (stat and walk the host) and `read_copy()` (read a
-file to send); `plan_mounts()` and `changed_copies()` decide from data only.
+The I/O is `scan_mounts()` (stat, and for copied directories walk, the host) and
+`read_copy()` (read a file to send); `plan_mounts()` and `changed_copies()`
+decide from data only.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from typing import Any
 from shim.errors import Internal, InvalidArgument
 
 GUEST_ROOT = "/run/cloudhv/mounts"
+SHARED_ROOT = "/run/cloudhv/fs"  # where the guest mounts the pod's virtio-fs
 KERNEL_FILESYSTEMS = frozenset({"proc", "sysfs", "devpts", "mqueue", "tmpfs", "cgroup", "cgroup2"})
 SHM = "/dev/shm"
 # Files CRI writes once per pod; the container writing to its copy changes nothing anyone reads.
@@ -61,6 +71,16 @@ MAX_DIR_ENTRIES = 256  # files, directories and symlinks: each is one CopyFile c
 MAX_DIR_BYTES = 4 << 20
 MAX_GUEST_PATH = 255  # CopyFileRequest.path is 256 bytes with the NUL
 SCAN_LIMIT = 4096  # a walk stops here, so a huge host tree costs little to refuse
+
+# kubelet's volume plugins that write a few small files (atomic writer): copied, not shared.
+KUBELET_FILE_VOLUMES = frozenset(
+    {"kubernetes.io~configmap", "kubernetes.io~secret", "kubernetes.io~projected",
+     "kubernetes.io~downward-api"}
+)
+PROPAGATIONS = {
+    "private": "private", "rprivate": "private", "slave": "slave", "rslave": "slave",
+    "shared": "shared", "rshared": "shared",
+}
 
 
 class Kind(enum.Enum):
@@ -128,10 +148,30 @@ class FileCopy:
 
 
 @dataclass(frozen=True)
+class DirShare:
+    """A host directory shared live through the pod's virtio-fs, for one container mount.
+
+    The shim binds `source` at `<pod share dir>/<container id>/<index>` on the host
+    (recursively with `recursive`, read-only with `read_only`, with `propagation`
+    "private" or "slave"); the guest sees it at `guest_path`.
+    """
+
+    index: int
+    destination: str
+    source: str
+    rel: str  # below the pod's share root, the same on the host and in the guest
+    guest_path: str
+    recursive: bool = True
+    propagation: str = "private"
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class MountPlan:
     copies: tuple[FileCopy, ...]  # in order: every directory before what it holds
     mounts: tuple[Mapping[str, Any], ...]  # the spec's mounts, sources rewritten
     notes: tuple[str, ...] = ()  # for the log: mounts whose semantics the copy changes
+    shares: tuple[DirShare, ...] = ()  # directories shared through virtio-fs
 
 
 # -- Deciding ------------------------------------------------------------------------------
@@ -148,6 +188,25 @@ def needs_host(mount: Mapping[str, Any]) -> bool:
     return is_bind(mount) and mount.get("destination") != SHM
 
 
+def is_kubelet_file_volume(source: str) -> bool:
+    """A directory kubelet fills with a few small files (ConfigMap, Secret, projected,
+    downward API): `<kubelet root>/pods/<uid>/volumes/kubernetes.io~<plugin>/<name>`."""
+    parts = [part for part in source.split("/") if part]
+    return any(
+        parts[i] == "volumes" and parts[i + 1] in KUBELET_FILE_VOLUMES
+        for i in range(len(parts) - 1)
+    )
+
+
+def propagation_of(options: Sequence[str]) -> str:
+    """"private", "slave" or "shared": the last propagation option wins, as in runc;
+    none means private (a new bind mount in a private mount namespace)."""
+    found = "private"
+    for option in options:
+        found = PROPAGATIONS.get(option, found)
+    return found
+
+
 def plan_mounts(
     container_id: str,
     spec_mounts: Sequence[Mapping[str, Any]],
@@ -159,14 +218,18 @@ def plan_mounts(
     max_dir_entries: int = MAX_DIR_ENTRIES,
     max_dir_bytes: int = MAX_DIR_BYTES,
     guest_root: str = GUEST_ROOT,
+    shared_root: str | None = SHARED_ROOT,
 ) -> MountPlan:
     """Classify every mount of a container's spec; `hosts` is scan_mounts() of the same mounts.
 
-    Raises InvalidArgument for the first mount that cannot be honoured.
+    `shared_root` is where the guest mounts the pod's virtio-fs, None when the pod
+    has none (config virtiofs.enabled off): then a directory that would be shared
+    is refused. Raises InvalidArgument for the first mount that cannot be honoured.
     """
     copies: list[FileCopy] = []
     mounts: list[Mapping[str, Any]] = []
     notes: list[str] = []
+    shares: list[DirShare] = []
     for index, mount in enumerate(spec_mounts):
         destination = mount.get("destination")
         if not isinstance(destination, str) or not destination:
@@ -179,7 +242,7 @@ def plan_mounts(
                 supported = ", ".join(sorted(KERNEL_FILESYSTEMS))
                 raise InvalidArgument(
                     f"{where}: filesystem type {kind!r} cannot be mounted in the VM; "
-                    f"only bind mounts of files and small directories, and {supported}, are"
+                    f"only bind mounts of files and directories, and {supported}, are"
                 )
             mounts.append(mount)
             continue
@@ -196,7 +259,13 @@ def plan_mounts(
             raise Internal(f"{where}: the source was not scanned")
         guest_path = f"{guest_root}/{container_id}/{index}"
         top = tree.entries[0]
-        read_only = "ro" in (mount.get("options") or [])
+        options = [str(o) for o in mount.get("options") or []]
+        read_only = "ro" in options
+        if top.kind is Kind.DIR and not is_kubelet_file_volume(source):
+            share = _plan_share(where, container_id, index, mount, options, shared_root)
+            shares.append(share)
+            mounts.append({**mount, "source": share.guest_path})
+            continue
         if top.kind is Kind.FILE:
             _check_file(where, "file", top, max_file_bytes)
             copies.append(_copy(tree, guest_path, top))
@@ -226,11 +295,45 @@ def plan_mounts(
             raise InvalidArgument(f"{where}: {top.error or top.kind.value} on the host")
         else:
             raise InvalidArgument(
-                f"{where}: a {top.kind.value} cannot be copied into the VM; "
-                "only regular files and small directories are"
+                f"{where}: a {top.kind.value} cannot be bind-mounted into the VM; "
+                "only regular files and directories can"
             )
         mounts.append({**mount, "source": guest_path})
-    return MountPlan(copies=tuple(copies), mounts=tuple(mounts), notes=tuple(notes))
+    return MountPlan(
+        copies=tuple(copies), mounts=tuple(mounts), notes=tuple(notes), shares=tuple(shares)
+    )
+
+
+def _plan_share(
+    where: str,
+    container_id: str,
+    index: int,
+    mount: Mapping[str, Any],
+    options: Sequence[str],
+    shared_root: str | None,
+) -> DirShare:
+    if shared_root is None:
+        raise InvalidArgument(
+            f"{where}: a host directory is shared with the VM through virtio-fs, which the "
+            "config turns off (virtiofs.enabled); only kubelet's ConfigMap, Secret, projected "
+            "and downward-API directories are copied without it"
+        )
+    propagation = propagation_of(options)
+    if propagation == "shared":
+        raise InvalidArgument(
+            f"{where}: propagation rshared cannot be honoured: a mount made inside the VM "
+            "never reaches the host; use rslave (host to container) or rprivate"
+        )
+    return DirShare(
+        index=index,
+        destination=str(mount.get("destination")),
+        source=str(mount.get("source")),
+        rel=f"{container_id}/{index}",
+        guest_path=f"{shared_root}/{container_id}/{index}",
+        recursive="bind" not in options or "rbind" in options,
+        propagation=propagation,
+        read_only="ro" in options,
+    )
 
 
 def changed_copies(previous: MountPlan, current: MountPlan) -> list[FileCopy]:
@@ -383,8 +486,9 @@ def scan_mounts(
     limit: int = SCAN_LIMIT,
     skip: frozenset[str] = frozenset(),
 ) -> dict[str, HostTree]:
-    """Stat (and for directories walk, up to `limit` entries) every bind source that needs
-    it; sources in `skip` (the pod's files, already in the guest) are not read."""
+    """Stat every bind source that needs it, and walk (up to `limit` entries) the
+    directories that are copied: a shared one is never walked, however big. Sources in
+    `skip` (the pod's files, already in the guest) are not read."""
     trees: dict[str, HostTree] = {}
     for mount in spec_mounts:
         source = mount.get("source")
@@ -395,19 +499,21 @@ def scan_mounts(
             and source not in trees
             and source not in skip
         ):
-            trees[source] = scan_source(source, limit=limit)
+            walk = is_kubelet_file_volume(source)
+            trees[source] = scan_source(source, limit=limit, walk=walk)
     return trees
 
 
-def scan_source(source: str, *, limit: int = SCAN_LIMIT) -> HostTree:
-    """The source as a bind mount sees it (symlinks followed), then what it holds (lstat)."""
+def scan_source(source: str, *, limit: int = SCAN_LIMIT, walk: bool = True) -> HostTree:
+    """The source as a bind mount sees it (symlinks followed), then, with `walk`, what
+    it holds (lstat)."""
     try:
         top = _entry("", os.stat(source))
     except OSError as err:
         kind = Kind.MISSING if err.errno in (errno.ENOENT, errno.ENOTDIR) else Kind.UNREADABLE
         return HostTree(source, (HostEntry("", kind, error=_strerror(err)),))
     entries = [top]
-    if top.kind is not Kind.DIR:
+    if top.kind is not Kind.DIR or not walk:
         return HostTree(source, tuple(entries))
     pending = [""]
     while pending:

@@ -30,6 +30,7 @@ from shim.errors import (
 from shim.events import Publisher, TaskCreate, TaskDelete, TaskOOM
 from shim.rootfs.disk import ContainerDisk
 from shim.sandbox import AgentConnect, Sandbox, VmmFactory, connect_agent
+from shim.sharedfs import FsHost
 from shim.state import PodState, StateStore
 from shim.types import ContainerStats, CreateTask, ExecTask, Exit, ProcessStatus
 
@@ -48,6 +49,7 @@ class Pod:
         vmm_factory: VmmFactory,
         agent_connect: AgentConnect = connect_agent,
         state: PodState | None = None,
+        fs_host: FsHost | None = None,
     ) -> None:
         self.config = config
         self.id = pod_id
@@ -61,6 +63,7 @@ class Pod:
             agent_connect=agent_connect,
             on_vm_exit=self._vm_exited,
             on_oom=self._oom,
+            fs_host=fs_host,
         )
         self._closed = False  # the daemon is exiting
         self._lock = asyncio.Lock()  # boot, container set, teardown

@@ -51,7 +51,11 @@ class PodServices(Protocol):
         """The device manager while the VM runs; None once it is gone."""
 
     async def record(self, record: ResourceRecord) -> None:
-        """Persist `record` (before the resource creates anything)."""
+        """Persist `record` (before the resource creates anything); a record with the
+        same id is replaced in place (a resource adding what it learnt, e.g. a pid)."""
+
+    async def adopt(self, pid: int) -> None:
+        """Charge a host process the resource spawned to the pod (its cgroup)."""
 
     async def forget(self, record_id: str) -> None:
         """Drop the record (after everything it stood for is gone)."""

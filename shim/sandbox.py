@@ -17,6 +17,7 @@ the order the changes were made.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -37,6 +38,7 @@ from shim.network import PodNetwork
 from shim.portforward import RELAY_PORT, PortForward
 from shim.resource import step
 from shim.session import AgentSession
+from shim.sharedfs import FsHost, Layout, SharedFs
 from shim.spec import PodOptions
 from shim.state import PodState, ProcRef, ResourceRecord, StateStore, pod_key
 from shim.vmm.base import HostDir, Vmm, VmSpec
@@ -68,6 +70,7 @@ class Sandbox:
         agent_connect: AgentConnect = connect_agent,
         on_vm_exit: Callable[[int], Awaitable[None]],
         on_oom: Callable[[str], None],
+        fs_host: FsHost | None = None,
     ) -> None:
         self.config = config
         self.id = state.pod_id
@@ -84,6 +87,11 @@ class Sandbox:
         self._devices: DeviceManager | None = None
         self._session: AgentSession | None = None
         self._cgroup: PodCgroup | None = None
+        # Directory volumes go over virtio-fs unless the config turns it off.
+        if fs_host is None and config.virtiofs.enabled:
+            fs_host = FsHost(config.virtiofs)
+        self._fs_host = fs_host
+        self._shared_fs: SharedFs | None = None
         self._network: PodNetwork | None = None
         self._portfwd: PortForward | None = None
         self._vm_exit: int | None = None
@@ -119,7 +127,18 @@ class Sandbox:
         await self.update(lambda state: state.replace(**changes))
 
     async def record(self, record: ResourceRecord) -> None:
-        await self.update(lambda st: st.replace(resources=(*st.resources, record)))
+        def change(st: PodState) -> PodState:
+            if any(r.id == record.id for r in st.resources):
+                return st.replace(
+                    resources=tuple(record if r.id == record.id else r for r in st.resources)
+                )
+            return st.replace(resources=(*st.resources, record))
+
+        await self.update(change)
+
+    async def adopt(self, pid: int) -> None:
+        if self._cgroup is not None:
+            await self._cgroup.adopt(pid)
 
     async def forget(self, record_id: str) -> None:
         await self.update(
@@ -155,6 +174,11 @@ class Sandbox:
 
     def live_devices(self) -> DeviceManager | None:
         return self._devices if self.running else None
+
+    @property
+    def shared_fs(self) -> SharedFs | None:
+        """The pod's virtio-fs while the VM runs; None without one (config off)."""
+        return self._shared_fs if self.running else None
 
     @property
     def pod_files(self) -> Mapping[str, str]:
@@ -213,6 +237,11 @@ class Sandbox:
             pod = pod or PodOptions()
             self._cgroup = PodCgroup(cgroup_relpath(pod.cgroups_path), hierarchy_roots())
             await self._cgroup.attach(self)
+            if self._fs_host is not None:
+                root = self._store.pod_dir(self.namespace, self.id) / "fs"
+                self._shared_fs = SharedFs(Layout(root), self._fs_host)
+                await self._shared_fs.attach_host(self)
+                spec = dataclasses.replace(spec, shared_fs=self._shared_fs.spec)
             kernel = await self._start(spec, hostname, pod)
         except BaseException as err:
             await self.stop()
@@ -249,6 +278,8 @@ class Sandbox:
         self._session = session
         agent = await step("agent connect", session.open(deadline))
         kernel = await step("guest setup", self._setup_guest(agent, hostname, pod))
+        if self._shared_fs is not None:
+            await self._shared_fs.attach_guest(self)
         if pod.netns:
             # After SetupPod, which writes the guest's default hosts file.
             self._network = PodNetwork(pod.netns, hostname, resolv_conf=pod.resolv_conf)
@@ -315,6 +346,9 @@ class Sandbox:
                 log.error("event=vm_shutdown_failed pod=%s error=%r", self.id, str(err))
         self._vmm = None
         self._devices = None
+        shared_fs, self._shared_fs = self._shared_fs, None
+        if shared_fs is not None:  # after the VMM: virtiofsd serves it to the end
+            await shared_fs.detach(self)
         await self.save(vmm=None, helpers=())
         portfwd, self._portfwd = self._portfwd, None
         if portfwd is not None:

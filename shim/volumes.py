@@ -1,11 +1,12 @@
-"""A container's CRI mounts inside the VM: small host files and directories, copied.
+"""A container's CRI mounts inside the VM: small host files and kubelet's file volumes, copied.
 
-`cri_mounts` decides (which mount is copied where, what changed); this module
-does the I/O around it: the host scan and file reads, off the event loop, and the
-agent's CopyFile calls. The copies live in the guest under
-`/run/cloudhv/mounts/<container id>/`, which the agent removes with the container
-(RemoveContainer, or a failed CreateContainer), so there is no host state and no
-record to persist.
+`cri_mounts` decides (which mount is copied where, which directory is shared
+instead, what changed); this module does the I/O around the copies: the host scan
+and file reads, off the event loop, and the agent's CopyFile calls. The copies
+live in the guest under `/run/cloudhv/mounts/<container id>/`, which the agent
+removes with the container (RemoveContainer, or a failed CreateContainer), so
+there is no host state and no record to persist. The shared directories the plan
+names (`shares`) are bound by shim/sharedfs.py.
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ class MountCopies:
         container_id: str,
         spec_mounts: Sequence[Mapping[str, Any]],
         pod_files: Mapping[str, str] | None = None,
+        *,
+        shared_root: str | None = cri_mounts.SHARED_ROOT,
     ) -> None:
         self.container_id = container_id
         self._spec_mounts = tuple(spec_mounts)
         self._pod_files = dict(pod_files or {})
+        self._shared_root = shared_root  # None: the pod has no virtio-fs
         self._plan: cri_mounts.MountPlan | None = None
 
     async def plan(self) -> None:
@@ -53,6 +57,11 @@ class MountCopies:
     @property
     def count(self) -> int:
         return len(self._require_plan().copies)
+
+    @property
+    def shares(self) -> tuple[cri_mounts.DirShare, ...]:
+        """The directories the plan shares through virtio-fs instead of copying."""
+        return self._require_plan().shares
 
     async def attach(self, agent: AgentClient) -> None:
         """Copy every planned file into the guest (directories before what they hold)."""
@@ -75,7 +84,11 @@ class MountCopies:
             cri_mounts.scan_mounts, self._spec_mounts, skip=frozenset(self._pod_files)
         )
         return cri_mounts.plan_mounts(
-            self.container_id, self._spec_mounts, trees, pod_files=self._pod_files
+            self.container_id,
+            self._spec_mounts,
+            trees,
+            pod_files=self._pod_files,
+            shared_root=self._shared_root,
         )
 
     def _require_plan(self) -> cri_mounts.MountPlan:

@@ -1,11 +1,13 @@
 /* MountDisk / UnmountDisk: disks are found by the virtio serial the shim set
- * when it plugged them, waiting for hotplug up to the request's timeout. */
+ * when it plugged them, waiting for hotplug up to the request's timeout.
+ * MountSharedFs: the pod's virtio-fs device, found by its tag. */
 #include <dirent.h>
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 
 #include "agent.h"
 #include "fsutil.h"
@@ -13,6 +15,7 @@
 #include "rpc.h"
 
 #define HOTPLUG_POLL_NS (10 * 1000000ull)
+#define FUSE_SUPER_MAGIC 0x65735546
 
 /* Finds /dev/<name> whose /sys/block/<name>/serial equals serial. */
 static bool find_serial(const char *serial, char *dev, size_t cap)
@@ -127,5 +130,27 @@ int h_unmount_disk(struct call *c, const void *vreq, void *vresp, struct err *e)
 			return err_set(e, C_NOT_FOUND, "umount %s: not a mount point", r->target);
 		return err_sys(e, "umount %s", r->target);
 	}
+	return R_DONE;
+}
+
+int h_mount_shared_fs(struct call *c, const void *vreq, void *vresp, struct err *e)
+{
+	const PB(MountSharedFsRequest) *r = vreq;
+	(void)vresp;
+	strfmt(c->ids, sizeof c->ids, " tag=%s target=%s", r->tag, r->target);
+	if (!r->tag[0])
+		return err_set(e, C_INVALID_ARGUMENT, "shared fs: empty tag");
+	if (r->target[0] != '/')
+		return err_set(e, C_INVALID_ARGUMENT, "target %s: must be an absolute path", r->target);
+	if (mkdir_p(r->target, 0755, e) < 0)
+		return R_ERR;
+	struct statfs fs;
+	if (statfs(r->target, &fs) < 0)
+		return err_sys(e, "statfs %s", r->target);
+	if (fs.f_type == FUSE_SUPER_MAGIC)
+		return R_DONE; /* mounted already: a retried call */
+	/* No nosuid/nodev: a volume behaves in the container as it does under runc. */
+	if (mount(r->tag, r->target, "virtiofs", 0, NULL) < 0)
+		return err_sys(e, "mount virtiofs %s on %s", r->tag, r->target);
 	return R_DONE;
 }

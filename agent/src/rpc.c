@@ -17,6 +17,7 @@ static const struct method methods[] = {
 	M(GuestInfo, GuestInfoRequest, GuestInfoResponse, h_guest_info, false),
 	M(MountDisk, MountDiskRequest, MountDiskResponse, h_mount_disk, true),
 	M(UnmountDisk, UnmountDiskRequest, Empty, h_unmount_disk, false),
+	M(MountSharedFs, MountSharedFsRequest, Empty, h_mount_shared_fs, false),
 	M(CreateContainer, CreateContainerRequest, ProcessResponse, h_create_container, true),
 	M(StartContainer, ContainerRequest, ProcessResponse, h_start_container, true),
 	M(ExecProcess, ExecProcessRequest, ProcessResponse, h_exec_process, true),
@@ -63,6 +64,7 @@ static union {
 	PB(SetupPodRequest) o;
 	PB(CopyFileRequest) p;
 	PB(SetTimeRequest) q;
+	PB(MountSharedFsRequest) r;
 } g_req;
 
 static union {

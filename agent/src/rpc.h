@@ -96,6 +96,7 @@ int h_health(struct call *, const void *, void *, struct err *);
 int h_guest_info(struct call *, const void *, void *, struct err *);
 int h_mount_disk(struct call *, const void *, void *, struct err *);
 int h_unmount_disk(struct call *, const void *, void *, struct err *);
+int h_mount_shared_fs(struct call *, const void *, void *, struct err *);
 int h_create_container(struct call *, const void *, void *, struct err *);
 int h_start_container(struct call *, const void *, void *, struct err *);
 int h_exec_process(struct call *, const void *, void *, struct err *);

@@ -46,6 +46,24 @@ class NetSpec:
 
 
 @dataclass(frozen=True)
+class SharedFsSpec:
+    """A virtio-fs device, attached at boot: host directories shared with the guest.
+
+    `socket` is the vhost-user socket of a virtiofsd the caller started (it listens
+    before the VMM starts, and the caller stops it after the VMM is gone); `tag` is
+    the name the guest mounts (`mount -t virtiofs <tag> <dir>`), at most 36 bytes.
+    vhost-user needs guest memory the backend can map: a backend that attaches one
+    must give the VM shared memory (QEMU: a `share=on` memory backend; Cloud
+    Hypervisor: `memory.shared = true`). Cloud Hypervisor's VmConfig entry is
+    `fs: [{"tag": tag, "socket": socket, "num_queues": 1, "queue_size": 1024}]`;
+    QEMU's is a socket chardev and a `vhost-user-fs-pci` device.
+    """
+
+    socket: Path
+    tag: str
+
+
+@dataclass(frozen=True)
 class HostDir:
     """A directory whose files may be plugged into the VM later (container disks, cached
     images): a VMM confined to the pod's own paths must be allowed into it from boot."""
@@ -65,6 +83,7 @@ class VmSpec:
     vcpus: int
     max_vcpus: int
     memory_mib: int
+    shared_fs: SharedFsSpec | None = None  # the pod's virtio-fs device, if it has one
     host_dirs: tuple[HostDir, ...] = ()
 
 

@@ -9,9 +9,10 @@ otherwise be lost in silence.
 What goes into `vm.create` (docs/cloud-hypervisor.md has the whole list): the kernel
 and its command line with the serial port as console, boot and maximum vCPUs,
 shared memory (virtio-fs and vhost-user devices map it), the guest's root disk
-read-only with its serial and an explicit raw image type, vsock on the pod's hybrid
-socket, an entropy source, the serial port on a Unix socket the shim reads (the
-console stays off), and Landlock rules for the pod's directories.
+read-only with its serial and an explicit raw image type, the pod's virtio-fs device
+when it has one, vsock on the pod's hybrid socket, an entropy source, the serial port
+on a Unix socket the shim reads (the console stays off), and Landlock rules for the
+pod's directories.
 """
 
 from __future__ import annotations
@@ -101,6 +102,17 @@ def vm_config(spec: VmSpec, paths: ChPaths, *, landlock: bool) -> dict[str, Any]
         "serial": {"mode": "Socket", "socket": str(paths.serial_socket)},
         "console": {"mode": "Off"},
     }
+    if spec.shared_fs is not None:
+        # The pod's virtio-fs: virtiofsd already listens on the socket (shim/sharedfs.py).
+        body["fs"] = [
+            {
+                "tag": spec.shared_fs.tag,
+                "socket": str(spec.shared_fs.socket),
+                "num_queues": 1,
+                "queue_size": 1024,
+                "id": "fs0",
+            }
+        ]
     if landlock:
         body["landlock_enable"] = True
         body["landlock_rules"] = landlock_rules(spec)

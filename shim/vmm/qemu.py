@@ -159,6 +159,13 @@ class QemuVmm(Vmm):
             "-device", "vhost-user-vsock-pci,chardev=vsock0",
             "-qmp", f"unix:{self._qmp_socket},server=on,wait=off",
         ]
+        if spec.shared_fs is not None:
+            # Guest memory is already a shared memfd (above), as vhost-user needs.
+            cmd += [
+                "-chardev", f"socket,id=fs0,path={spec.shared_fs.socket}",
+                "-device",
+                f"vhost-user-fs-pci,chardev=fs0,tag={spec.shared_fs.tag},queue-size=1024",
+            ]
         for index in range(opts.hotplug_slots):
             cmd += ["-device", f"pcie-root-port,id=rp{index},bus=pcie.0,chassis={index + 1},slot=0"]
         return cmd

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shim.vmm.base import DiskSpec, NetSpec, VmmError, VmSpec
+from shim.vmm.base import DiskSpec, NetSpec, SharedFsSpec, VmmError, VmSpec
 from shim.vmm.qemu import QemuOptions, QemuVmm, SerialMode
 from tests.chsim import landlock, spec
 from tests.chsim.events import EventMonitor
@@ -264,6 +264,7 @@ class StandIn:
         vsock = config.get("vsock")
         if vsock:
             rules += [(Path(vsock["socket"]).parent, "w"), (Path(vsock["socket"]), "rw")]
+        rules += [(Path(fs["socket"]), "rw") for fs in config.get("fs", [])]
         rules += [(Path(r["path"]), r["access"]) for r in config.get("landlock_rules", [])]
         own = {
             Path("/usr"), Path("/lib"), Path("/lib64"), Path("/etc"), Path("/proc"),
@@ -311,7 +312,21 @@ class StandIn:
             vcpus=cpus["boot_vcpus"],
             max_vcpus=cpus["max_vcpus"],
             memory_mib=config.get("memory", {}).get("size", 512 << 20) >> 20,
+            shared_fs=self._shared_fs(config),
         )
+
+    def _shared_fs(self, config: dict[str, Any]) -> SharedFsSpec | None:
+        """One virtio-fs device (the shim's pod has one), served by the caller's virtiofsd;
+        CH refuses `fs` without shared memory, and so does the stand-in."""
+        devices = config.get("fs") or []
+        if not devices:
+            return None
+        if len(devices) > 1:
+            raise ChError(400, ["the stand-in models one fs device"])
+        if not config.get("memory", {}).get("shared"):
+            why = "vhost-user requires shared memory"
+            raise ChError(400, ["Error validating configuration", why])
+        return SharedFsSpec(socket=Path(devices[0]["socket"]), tag=devices[0]["tag"])
 
     def _qemu_options(self, config: dict[str, Any]) -> QemuOptions:
         for disk in config.get("disks", []):
@@ -545,7 +560,7 @@ def _parse_body(schema: str, raw: bytes) -> dict[str, Any]:
     return body
 
 
-_UNMODELLED = ("fs", "pmem", "devices", "user_devices", "vdpa", "generic-vhost-user", "net",
+_UNMODELLED = ("pmem", "devices", "user_devices", "vdpa", "generic-vhost-user", "net",
                "numa", "tpm", "balloon", "pci_segments", "rate_limit_groups")
 
 

@@ -291,7 +291,7 @@ def leftovers(state_dir: Path, root: Path) -> list[str]:
             continue
         with contextlib.suppress(OSError):
             cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            vm_program = ("qemu", "vhost-device-vsock", "chsim", "cloud-hypervisor")
+            vm_program = ("qemu", "vhost-device-vsock", "chsim", "cloud-hypervisor", "virtiofsd")
             if str(state_dir) in cmdline and any(name in cmdline for name in vm_program):
                 found.append(f"process {pid_dir.name}: {cmdline[:120]}")
     for line in Path("/proc/self/mountinfo").read_text().splitlines():

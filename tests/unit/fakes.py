@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from shim.agent import ExitStatus, GuestInfo, Output
+from shim.config import VirtiofsConfig
+from shim.cri_mounts import DirShare
 from shim.errors import DeadlineExceeded, Internal, NotFound, ShimError, Unavailable
+from shim.sharedfs import Daemon, FsHost, Layout, Spawned
 from shim.state import PodState, StateStore
 from shim.vmm.base import (
     DiskSpec,
@@ -176,6 +179,10 @@ class FakeAgent:
         self._call("unmount_disk")
         self.mounts.pop(target, None)
 
+    async def mount_shared_fs(self, tag: str, target: str, **_: Any) -> None:
+        self._call("mount_shared_fs")
+        self.mounts[target] = f"virtiofs:{tag}"
+
     async def copy_file(self, path: str, data: bytes = b"", **_: Any) -> None:
         self._call("copy_file")
         self.files[path] = data
@@ -257,6 +264,66 @@ class FakeAgent:
     async def get_oom_event(self, *, timeout: float) -> str | None:
         await asyncio.sleep(timeout)
         return None
+
+
+class _FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+
+class FakeDaemon(Daemon):
+    def __init__(self, pid: int) -> None:
+        super().__init__(_FakeProcess(pid))  # type: ignore[arg-type]
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        self.process.returncode = 0
+
+
+class FakeFsHost(FsHost):
+    """The host side of shared directories, in memory: the share root, virtiofsd, binds."""
+
+    def __init__(self, failures: Failures) -> None:
+        super().__init__(VirtiofsConfig())
+        self._failures = failures
+        self.roots: set[Path] = set()
+        self.daemons: dict[int, FakeDaemon] = {}
+        self.binds: dict[str, DirShare] = {}  # rel -> share
+        self._next_pid = 5000
+
+    def check(self) -> None:
+        self._failures.check("virtiofs_check")
+
+    async def make_root(self, layout: Layout) -> None:
+        self._failures.check("make_root")
+        self.roots.add(layout.root)
+
+    async def remove_root(self, layout: Layout) -> None:
+        self.roots.discard(layout.root)
+        self.binds.clear()
+
+    async def start_daemon(self, layout: Layout, spawned: Spawned) -> Daemon:
+        self._failures.check("start_daemon")
+        self._next_pid += 1
+        daemon = FakeDaemon(self._next_pid)
+        self.daemons[daemon.pid] = daemon
+        try:
+            await spawned(daemon.pid, 1)
+        except BaseException:
+            await daemon.stop()  # as FsHost does when the pid cannot be persisted
+            raise
+        return daemon
+
+    def running(self) -> list[int]:
+        return [pid for pid, d in self.daemons.items() if d.process.returncode is None]
+
+    async def bind(self, layout: Layout, share: DirShare) -> None:
+        self._failures.check("bind")
+        assert layout.root in self.roots
+        self.binds[share.rel] = share
+
+    async def unbind(self, layout: Layout, share: DirShare) -> None:
+        self.binds.pop(share.rel, None)
 
 
 class FlakyStore(StateStore):

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from shim.vmm import ch_api
-from shim.vmm.base import DiskSpec, HostDir, NetSpec, VmSpec
+from shim.vmm.base import DiskSpec, HostDir, NetSpec, SharedFsSpec, VmSpec
 from shim.vmm.cloud_hypervisor import ChOptions, CloudHypervisorVmm
 from tests.chsim import spec
 from tests.chsim.main import parse_args
@@ -44,10 +44,13 @@ def every_vm_config() -> list[dict[str, Any]]:
     """vm.create bodies over every choice the backend makes."""
     paths = ch_api.ChPaths(STATE)
     bodies = []
-    for landlock, (vcpus, max_vcpus), host_dirs in itertools.product(
-        (True, False), ((1, 1), (2, 4), (3, 1)), ((), vm_spec().host_dirs)
+    shared = SharedFsSpec(socket=Path("/run/cloudhv/pod/fs/virtiofsd.sock"), tag="cloudhv")
+    for landlock, (vcpus, max_vcpus), host_dirs, shared_fs in itertools.product(
+        (True, False), ((1, 1), (2, 4), (3, 1)), ((), vm_spec().host_dirs), (None, shared)
     ):
-        spec_ = vm_spec(vcpus=vcpus, max_vcpus=max_vcpus, host_dirs=host_dirs)
+        spec_ = vm_spec(
+            vcpus=vcpus, max_vcpus=max_vcpus, host_dirs=host_dirs, shared_fs=shared_fs
+        )
         bodies.append(ch_api.vm_config(spec_, paths, landlock=landlock))
     return bodies
 
@@ -94,6 +97,7 @@ def test_the_bodies_carry_every_field_the_backend_ever_sets() -> None:
         "memory", "memory.size", "memory.shared",
         "disks", "disks.[].path", "disks.[].readonly", "disks.[].serial", "disks.[].id",
         "disks.[].image_type",
+        "fs", "fs.[].tag", "fs.[].socket", "fs.[].num_queues", "fs.[].queue_size", "fs.[].id",
         "vsock", "vsock.cid", "vsock.socket", "vsock.id",
         "rng", "rng.src",
         "serial", "serial.mode", "serial.socket",
@@ -103,6 +107,17 @@ def test_the_bodies_carry_every_field_the_backend_ever_sets() -> None:
         # vm.add-disk, vm.add-net, vm.remove-device, vm.resize
         "path", "readonly", "id", "image_type", "mac", "desired_vcpus",
     }
+
+
+def test_vm_config_carries_the_pods_virtio_fs_device() -> None:
+    socket = Path("/run/cloudhv/pod/fs/virtiofsd.sock")
+    spec_ = vm_spec(shared_fs=SharedFsSpec(socket=socket, tag="cloudhv"))
+    body = ch_api.vm_config(spec_, ch_api.ChPaths(STATE), landlock=True)
+    assert body["fs"] == [
+        {"tag": "cloudhv", "socket": str(socket), "num_queues": 1, "queue_size": 1024, "id": "fs0"}
+    ]
+    assert body["memory"]["shared"] is True  # vhost-user maps guest memory
+    assert "fs" not in ch_api.vm_config(vm_spec(), ch_api.ChPaths(STATE), landlock=True)
 
 
 def test_vm_config_says_what_the_guest_needs() -> None:

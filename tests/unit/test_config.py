@@ -36,6 +36,18 @@ def test_defaults() -> None:
     assert cfg.state_dir == Path("/run/cloudhv")
     assert cfg.cache_dir == Path("/var/cache/cloudhv/rootfs")
     assert cfg.debug is False
+    assert cfg.virtiofs.enabled is True
+    assert cfg.virtiofs.binary == Path("/usr/lib/qemu/virtiofsd")
+    assert cfg.virtiofs.cache == "auto"
+
+
+def test_virtiofs_fields_are_validated() -> None:
+    with pytest.raises(config.ConfigError, match=r"virtiofs\.binary: must be an absolute path"):
+        config.parse({**MINIMAL, "virtiofs": {"binary": "virtiofsd"}})
+    with pytest.raises(config.ConfigError, match=r"virtiofs\.cache: must be one of"):
+        config.parse({**MINIMAL, "virtiofs": {"cache": "sometimes"}})
+    with pytest.raises(config.ConfigError, match=r"virtiofs\.threads: unknown key"):
+        config.parse({**MINIMAL, "virtiofs": {"threads": 4}})
 
 
 def test_bad_vmm_names_field_and_allowed_values() -> None:

@@ -11,9 +11,12 @@ import pytest
 
 from shim.cri_mounts import (
     GUEST_ROOT,
+    SHARED_ROOT,
+    DirShare,
     FileCopy,
     MountPlan,
     changed_copies,
+    is_kubelet_file_volume,
     plan_mounts,
     read_copy,
     scan_mounts,
@@ -43,6 +46,13 @@ def refused(mounts: list[dict[str, Any]], **limits: Any) -> str:
     with pytest.raises(InvalidArgument) as err:
         plan(mounts, **limits)
     return str(err.value)
+
+
+def kubelet(tmp_path: Path, name: str, plugin: str = "configmap") -> Path:
+    """Where kubelet puts a pod's small-file volume `name` (copied, not shared)."""
+    path = tmp_path / "pods" / "uid-1" / "volumes" / f"kubernetes.io~{plugin}" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def configmap(root: Path, data: dict[str, bytes], stamp: str) -> Path:
@@ -143,7 +153,7 @@ def _umask() -> int:
 
 
 def test_configmap_directory_is_copied_in_order(tmp_path: Path) -> None:
-    volume = configmap(tmp_path / "cm", {"app.conf": b"a=1\n", "b.txt": b"b"}, "2024_01_01")
+    volume = configmap(kubelet(tmp_path, "cm"), {"app.conf": b"a=1\n", "b.txt": b"b"}, "2024_01_01")
     result = plan([bind(volume, "/etc/app", "ro")])
     assert result.notes == ()
     assert result.mounts[0]["source"] == f"{BASE}/0"
@@ -165,16 +175,73 @@ def test_configmap_directory_is_copied_in_order(tmp_path: Path) -> None:
     assert read_copy(file_copy) == b"a=1\n"
 
 
-def test_read_write_directory_is_noted(tmp_path: Path) -> None:
-    (tmp_path / "empty").mkdir()
-    result = plan([bind(tmp_path / "empty", "/data")])
+def test_read_write_copied_directory_is_noted(tmp_path: Path) -> None:
+    result = plan([bind(kubelet(tmp_path, "empty", "downward-api"), "/data")])
     assert [c.is_dir for c in result.copies] == [True]
     assert "read-write directory" in result.notes[0]
 
 
+def test_kubelet_file_volumes_are_copied_and_other_directories_shared() -> None:
+    for plugin in ("configmap", "secret", "projected", "downward-api"):
+        assert is_kubelet_file_volume(f"/var/lib/kubelet/pods/u/volumes/kubernetes.io~{plugin}/v")
+    for shared in (
+        "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/cache",
+        "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pvc-1/mount",
+        "/var/lib/kubelet/pods/u/volume-subpaths/cm/app/0",
+        "/srv/data",
+        "/tmp/kubernetes.io~configmap/not-under-volumes",
+    ):
+        assert not is_kubelet_file_volume(shared), shared
+
+
+def test_directory_is_shared_with_its_propagation(tmp_path: Path) -> None:
+    data, cache, big = tmp_path / "data", tmp_path / "cache", tmp_path / "big"
+    for directory in (data, cache, big):
+        directory.mkdir()
+    for i in range(5000):  # far past every copy limit: a shared tree is never walked
+        (big / f"f{i}").touch()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    mounts = [
+        bind(hosts, "/etc/hosts"),
+        {**bind(data, "/data"), "options": ["rbind", "rslave", "rw"]},
+        {**bind(cache, "/cache", "ro"), "options": ["bind", "ro"]},
+        bind(big, "/big"),
+    ]
+    trees = scan_mounts(mounts)
+    assert len(trees[str(big)].entries) == 1
+    result = plan_mounts(CID, mounts, trees)
+    assert [c.host_path for c in result.copies] == [str(hosts)]
+    assert result.shares == (
+        DirShare(1, "/data", str(data), f"{CID}/1", f"{SHARED_ROOT}/{CID}/1", True, "slave"),
+        DirShare(2, "/cache", str(cache), f"{CID}/2", f"{SHARED_ROOT}/{CID}/2", False,
+                 "private", read_only=True),
+        DirShare(3, "/big", str(big), f"{CID}/3", f"{SHARED_ROOT}/{CID}/3", True, "private"),
+    )
+    # The container binds the path under the guest's virtio-fs mount, options kept.
+    assert result.mounts[1] == {**mounts[1], "source": f"{SHARED_ROOT}/{CID}/1"}
+    assert result.notes == ()
+
+
+def test_rshared_directory_is_refused(tmp_path: Path) -> None:
+    mount = {**bind(tmp_path, "/data"), "options": ["rbind", "rshared", "rw"]}
+    assert refused([mount]) == (
+        f"mount /data (source {tmp_path}): propagation rshared cannot be honoured: a mount "
+        "made inside the VM never reaches the host; use rslave (host to container) or rprivate"
+    )
+
+
+def test_shared_directory_without_virtiofs_is_refused_naming_the_config(tmp_path: Path) -> None:
+    mounts = [bind(tmp_path, "/data")]
+    with pytest.raises(InvalidArgument, match=r"virtiofs\.enabled"):
+        plan_mounts(CID, mounts, scan_mounts(mounts), shared_root=None)
+    # kubelet's small-file volumes are still copied without it.
+    cm = [bind(kubelet(tmp_path, "cm"), "/cm", "ro")]
+    assert len(plan_mounts(CID, cm, scan_mounts(cm), shared_root=None).copies) == 1
+
+
 def test_big_directory_is_refused_with_the_count(tmp_path: Path) -> None:
-    big = tmp_path / "big"
-    big.mkdir()
+    big = kubelet(tmp_path, "big", "secret")
     for i in range(70):
         (big / f"f{i}").touch()
     assert refused([bind(big, "/data")]) == (
@@ -184,7 +251,7 @@ def test_big_directory_is_refused_with_the_count(tmp_path: Path) -> None:
 
 
 def test_huge_directory_walk_stops_at_the_scan_limit(tmp_path: Path) -> None:
-    big = tmp_path / "big"
+    big = kubelet(tmp_path, "big", "projected")
     (big / "sub").mkdir(parents=True)
     for i in range(30):
         (big / "sub" / f"f{i}").touch()
@@ -196,7 +263,7 @@ def test_huge_directory_walk_stops_at_the_scan_limit(tmp_path: Path) -> None:
 
 
 def test_too_many_entries_and_too_many_bytes(tmp_path: Path) -> None:
-    tree = tmp_path / "t"
+    tree = kubelet(tmp_path, "t")
     for i in range(5):
         (tree / f"d{i}").mkdir(parents=True)
         (tree / f"d{i}" / "f").write_bytes(b"x" * 100)
@@ -211,35 +278,35 @@ def test_big_file_is_refused(tmp_path: Path) -> None:
         f"mount /big (source {big}): file is 2049 bytes; "
         "only files up to 2048 bytes are copied into the VM"
     )
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "inner").write_bytes(b"x" * 2049)
-    assert "inner is 2049 bytes" in refused([bind(tmp_path / "d", "/d")], max_file_bytes=2048)
+    d = kubelet(tmp_path, "d")
+    (d / "inner").write_bytes(b"x" * 2049)
+    assert "inner is 2049 bytes" in refused([bind(d, "/d")], max_file_bytes=2048)
 
 
 def test_fifo_is_refused(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     assert refused([bind(fifo, "/run/fifo")]) == (
-        f"mount /run/fifo (source {fifo}): a FIFO cannot be copied into the VM; "
-        "only regular files and small directories are"
+        f"mount /run/fifo (source {fifo}): a FIFO cannot be bind-mounted into the VM; "
+        "only regular files and directories can"
     )
-    (tmp_path / "d").mkdir()
-    os.mkfifo(tmp_path / "d" / "p")
-    assert "p is a FIFO" in refused([bind(tmp_path / "d", "/d")])
+    d = kubelet(tmp_path, "d")
+    os.mkfifo(d / "p")
+    assert "p is a FIFO" in refused([bind(d, "/d")])
 
 
 def test_socket_is_refused(sock_dir: Path) -> None:
     path = sock_dir / "s.sock"
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(path))
-        assert "a socket cannot be copied" in refused([bind(path, "/var/run/app.sock")])
+        assert "a socket cannot be bind-mounted" in refused([bind(path, "/var/run/app.sock")])
 
 
 def test_block_device_is_refused() -> None:
     devices = [p for p in Path("/dev").iterdir() if p.is_block_device()]
     if not devices:
         pytest.skip("no block device on this machine")
-    assert "a block device cannot be copied" in refused([bind(devices[0], "/dev/disk")])
+    assert "a block device cannot be bind-mounted" in refused([bind(devices[0], "/dev/disk")])
 
 
 def test_missing_source_is_refused(tmp_path: Path) -> None:
@@ -250,14 +317,14 @@ def test_missing_source_is_refused(tmp_path: Path) -> None:
 
 
 def test_escaping_symlink_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "out").symlink_to("../../etc/passwd")
+    d = kubelet(tmp_path, "d")
+    (d / "out").symlink_to("../../etc/passwd")
     assert "out is a symlink to ../../etc/passwd, outside the directory" in refused(
-        [bind(tmp_path / "d", "/d")]
+        [bind(d, "/d")]
     )
-    (tmp_path / "d" / "out").unlink()
-    (tmp_path / "d" / "abs").symlink_to("/etc/passwd")
-    assert "outside the directory" in refused([bind(tmp_path / "d", "/d")])
+    (d / "out").unlink()
+    (d / "abs").symlink_to("/etc/passwd")
+    assert "outside the directory" in refused([bind(d, "/d")])
 
 
 def test_symlinked_source_is_followed_like_a_bind_mount(tmp_path: Path) -> None:
@@ -278,20 +345,20 @@ def test_relative_bind_source_is_refused() -> None:
 
 
 def test_non_utf8_name_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "d").mkdir()
-    fd = os.open(os.fsencode(tmp_path / "d") + b"/bad\xff", os.O_CREAT | os.O_WRONLY, 0o644)
+    d = kubelet(tmp_path, "d")
+    fd = os.open(os.fsencode(d) + b"/bad\xff", os.O_CREAT | os.O_WRONLY, 0o644)
     os.close(fd)
-    assert "bad\\udcff is not a UTF-8 name" in refused([bind(tmp_path / "d", "/d")])
+    assert "bad\\udcff is not a UTF-8 name" in refused([bind(d, "/d")])
 
 
 def test_guest_path_too_long_is_refused(tmp_path: Path) -> None:
-    deep = tmp_path / "d" / ("x" * 100) / ("y" * 100)
-    deep.mkdir(parents=True)
-    assert "longer than 255 bytes" in refused([bind(tmp_path / "d", "/d")])
+    d = kubelet(tmp_path, "d")
+    (d / ("x" * 100) / ("y" * 100)).mkdir(parents=True)
+    assert "longer than 255 bytes" in refused([bind(d, "/d")])
 
 
 def test_changed_copies_after_a_configmap_update(tmp_path: Path) -> None:
-    volume = configmap(tmp_path / "cm", {"k": b"1"}, "2024_01_01")
+    volume = configmap(kubelet(tmp_path, "cm"), {"k": b"1"}, "2024_01_01")
     hosts = tmp_path / "hosts"
     hosts.write_text("a\n")
     mounts = [bind(volume, "/etc/cm", "ro"), bind(hosts, "/etc/hosts")]
@@ -342,7 +409,7 @@ def test_read_copy_never_follows_a_symlink_swapped_in(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_bytes(b"root-only")
     secret.chmod(0o600)
-    volume = tmp_path / "vol"
+    volume = kubelet(tmp_path, "vol", "secret")
     (volume / "sub").mkdir(parents=True)
     (volume / "sub" / "a").write_bytes(b"public")
     (volume / "top").write_bytes(b"public")

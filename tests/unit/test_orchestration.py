@@ -19,13 +19,13 @@ import pytest
 
 from shim import config as config_mod
 from shim import spec as spec_mod
-from shim.errors import Internal, NotFound, ShimError, Unavailable
+from shim.errors import FailedPrecondition, Internal, NotFound, ShimError, Unavailable
 from shim.events import Event, Publisher, TaskExit
 from shim.pod import Pod
 from shim.state import PodState
 from shim.types import CreateTask, ExecTask, Mount, StdioSpec
 from shim.vmm.base import VmmError, VmSpec
-from tests.unit.fakes import Failures, FakeAgent, FakeVmm, FlakyStore
+from tests.unit.fakes import Failures, FakeAgent, FakeFsHost, FakeVmm, FlakyStore
 
 POD = "pod1"
 
@@ -47,6 +47,7 @@ class Harness:
         self.agent: FakeAgent | None = None
         self.store = FlakyStore(tmp / "state")
         self.events = RecordingPublisher()
+        self.fs_host = FakeFsHost(self.failures)
         self.config = config_mod.parse(
             {
                 "vmm": "qemu",
@@ -69,6 +70,7 @@ class Harness:
             self.events,
             vmm_factory=self._vmm,
             agent_connect=self._connect,
+            fs_host=self.fs_host,
         )
 
     def _vmm(self, config: config_mod.Config, spec: VmSpec) -> FakeVmm:
@@ -112,6 +114,8 @@ class Harness:
     async def create_container(self, cid: str, *, missing_rootfs: bool = False) -> None:
         hosts = self.tmp / "hosts"
         hosts.write_text("127.0.0.1 localhost\n")
+        data = self.tmp / "volumes" / "data"  # a hostPath: shared through virtio-fs
+        data.mkdir(parents=True, exist_ok=True)
         bundle = self.bundle(
             cid,
             {spec_mod.CONTAINER_TYPE: "container", spec_mod.SANDBOX_ID: POD},
@@ -122,6 +126,12 @@ class Harness:
                     "type": "bind",
                     "source": str(hosts),
                     "options": ["rbind", "ro"],
+                },
+                {
+                    "destination": "/data",
+                    "type": "bind",
+                    "source": str(data),
+                    "options": ["rbind", "rslave", "rw"],
                 },
             ],
         )
@@ -135,6 +145,13 @@ class Harness:
 
     def images(self) -> list[Path]:
         return sorted((self.tmp / "disks").rglob("*.ext4"))
+
+    def owned_by(self, owner: str) -> list[str]:
+        return [r.kind for r in self.persisted().resources if r.owner == owner]
+
+    def disk_mounts(self) -> dict[str, str]:
+        assert self.agent is not None
+        return {t: s for t, s in self.agent.mounts.items() if not s.startswith("virtiofs:")}
 
 
 @pytest.fixture
@@ -151,15 +168,20 @@ def _fail(method: str, error: BaseException) -> Callable[[Harness], None]:
     return inject
 
 
-def _fail_record(h: Harness) -> None:
-    h.store.fail_when = lambda st: any(r.kind == "disk" for r in st.resources)
+def _fail_record(kind: str) -> Callable[[Harness], None]:
+    def inject(h: Harness) -> None:
+        h.store.fail_when = lambda st: any(r.kind == kind for r in st.resources)
+
+    return inject
 
 
 CREATE_STEPS = {
-    "state record": _fail_record,
+    "state record": _fail_record("disk"),
     "image build": None,  # a rootfs directory that does not exist: mkfs has nothing to copy
     "plug": _fail("add_disk", VmmError("no slot today")),
     "guest mount": _fail("mount_disk", Internal("no such disk")),
+    "volume /data (source": _fail_record("volume"),
+    "bind": _fail("bind", Internal("mount: permission denied")),
     "file copies": _fail("copy_file", Internal("guest disk full")),
     "crun create": _fail("create_container", Internal("crun: exit status 1")),
 }
@@ -180,23 +202,31 @@ async def test_container_create_failure_undoes_every_earlier_step(
     agent, vmm = harness.agent, harness.vmm
     assert agent is not None
     assert vmm.disks == {}, "plugged disk left behind"
-    assert agent.mounts == {}, "guest mount left behind"
+    assert harness.disk_mounts() == {}, "guest mount left behind"
     assert not [p for p in agent.files if "/c1/" in p], "guest copies left behind"
+    assert harness.fs_host.binds == {}, "volume bind left behind"
     assert agent.containers == set()
     assert harness.images() == [], "host image left behind"
     state = harness.persisted()
-    assert state.resources == ()
+    assert harness.owned_by("c1") == []
+    assert [r.kind for r in state.resources] == ["sharedfs"]  # the pod's own stays
     assert state.containers == (POD,)
     assert "c1" not in harness.pod.containers
 
     # Nothing stale blocks a retry: the same container now comes up.
     await harness.create_container("c1")
     assert agent.containers == {"c1"}
-    assert len(vmm.disks) == 1 and len(agent.mounts) == 1 and len(harness.images()) == 1
-    assert [r.owner for r in harness.persisted().resources] == ["c1"]
+    assert len(vmm.disks) == 1 and len(harness.disk_mounts()) == 1 and len(harness.images()) == 1
+    assert list(harness.fs_host.binds) == ["c1/2"]
+    assert harness.owned_by("c1") == ["disk", "volume"]
 
 
 BOOT_STEPS = {
+    "config virtiofs.binary": _fail("virtiofs_check", FailedPrecondition("config virtiofs.binary")),
+    "shared fs record": _fail_record("sharedfs"),
+    "shared root": _fail("make_root", Internal("mount: permission denied")),
+    "virtiofsd start": _fail("start_daemon", Internal("exec: no such file")),
+    "shared fs mount": _fail("mount_shared_fs", Internal("mount virtiofs: No such device")),
     "VMM start": _fail("start", VmmError("qemu: cannot open kernel")),
     "vsock ready": _fail("wait_vsock_ready", VmmError("no ready mark")),
     "agent connect": _fail("agent_connect", Unavailable("CONNECT refused")),
@@ -210,16 +240,19 @@ async def test_sandbox_boot_failure_stops_what_was_started(harness: Harness, ste
     with pytest.raises(ShimError) as raised:
         await harness.create_sandbox()
     assert step in str(raised.value) and POD in str(raised.value)
-    vmm = harness.vmm
-    assert vmm.stopped, "the VMM was left running"
+    failed = list(harness.vmms)  # none when the boot failed before the VMM was made
+    assert all(vmm.stopped for vmm in failed), "the VMM was left running"
     if harness.agent is not None:
         assert harness.agent.closed
     state = harness.persisted()
     assert (state.vmm, state.helpers, state.containers, state.resources) == (None, (), (), ())
     assert harness.pod.empty and not harness.pod.sandbox.booted
+    assert harness.fs_host.running() == [], "virtiofsd left running"
+    assert harness.fs_host.roots == set(), "share root left behind"
 
     await harness.create_sandbox()  # a retry boots a fresh VM
-    assert len(harness.vmms) == 2 and harness.vmm.started and not harness.vmm.stopped
+    assert len(harness.vmms) == len(failed) + 1
+    assert harness.vmm.started and not harness.vmm.stopped
     assert harness.persisted().vmm is not None
 
 
@@ -234,7 +267,8 @@ async def test_delete_unplugs_and_forgets_the_disk(harness: Harness) -> None:
     await harness.pod.delete("c1", "")
     assert agent.containers == {"c2"}
     assert len(harness.vmm.disks) == 1 and len(harness.images()) == 1
-    assert [r.owner for r in harness.persisted().resources] == ["c2"]
+    assert [r.owner for r in harness.persisted().resources] == ["", "c2", "c2"]
+    assert list(harness.fs_host.binds) == ["c2/2"]
     assert harness.persisted().containers == (POD, "c2")
     # The freed slot is handed out again.
     await harness.create_container("c3")
@@ -257,6 +291,7 @@ async def test_vm_crash_reports_every_running_process_exited(harness: Harness) -
     await harness.pod.delete("c1", "")
     await harness.pod.delete(POD, "")
     assert harness.images() == [] and harness.persisted().resources == ()
+    assert harness.fs_host.running() == [] and harness.fs_host.roots == set()
 
 
 async def test_vmm_processes_are_persisted_before_start_returns(harness: Harness) -> None:
@@ -292,10 +327,14 @@ async def test_cancelled_stop_still_stops_the_vm(harness: Harness) -> None:
     with pytest.raises(asyncio.CancelledError):
         await kill
     assert harness.pod.sandbox.booted, "the VM handle was dropped before it was stopped"
-    await asyncio.sleep(0.5)
+    for _ in range(100):  # the shielded stop goes on: the VM, then the shared fs, then state
+        await asyncio.sleep(0.05)
+        if harness.persisted().vmm is None:
+            break
     assert harness.vmm.stopped
     state = harness.persisted()
     assert state.vmm is None and state.helpers == ()
+    assert harness.fs_host.running() == []
 
 
 async def test_dropped_agent_connection_is_reestablished(harness: Harness) -> None:
