@@ -2,8 +2,8 @@
 
 Two kinds of task live in a pod, with the same methods:
 
-- `AppContainer`: a container crun runs in the guest. Its root disk and copied
-  mounts are resources it owns (shim/rootfs/disk.py, shim/volumes.py); its init
+- `AppContainer`: a container crun runs in the guest. Its root filesystem and
+  copied mounts are resources it owns (shim/rootfs/root.py, shim/volumes.py); its init
   and exec processes each have a `ContainerProcess` (state machine + host stdio).
 - `SandboxTask`: CRI's pause container, which *is* the VM: its pid is the VMM's,
   it exits when the VM does, and a signal sent to it stops the VM.
@@ -45,7 +45,7 @@ from shim.events import (
 )
 from shim.process import Process
 from shim.resource import PodServices, step
-from shim.rootfs.disk import ContainerDisk
+from shim.rootfs.root import ContainerRootfs
 from shim.stdio import Guest, ProcessIO
 from shim.types import (
     ContainerStats,
@@ -275,11 +275,11 @@ class AppContainer(_Task):
         ctx: ContainerContext,
         publish: Publish,
         *,
-        disk: ContainerDisk,
+        rootfs: ContainerRootfs,
         copies: MountCopies,
     ) -> None:
         super().__init__(task, kind, ctx, publish)
-        self.disk = disk
+        self.rootfs = rootfs
         self.copies = copies
 
     @classmethod
@@ -291,7 +291,7 @@ class AppContainer(_Task):
         ctx: ContainerContext,
         publish: Publish,
         *,
-        disk: ContainerDisk,
+        rootfs: ContainerRootfs,
     ) -> AppContainer:
         """Everything `crun create` needs, then `crun create`. On failure nothing stays."""
         agent = ctx.require_agent()
@@ -302,11 +302,11 @@ class AppContainer(_Task):
         copies = MountCopies(task.id, spec_mounts)
         # Mounts first: one that cannot be honoured is refused before any disk exists.
         await copies.plan()
-        self = cls(task, kind, ctx, publish, disk=disk, copies=copies)
+        self = cls(task, kind, ctx, publish, rootfs=rootfs, copies=copies)
         io = ProcessIO(task.stdio, task.id, ctx.namespace)
         try:
             await step("stdio", io.open())
-            await disk.attach(ctx)
+            guest_root = await rootfs.attach(ctx)
             t1 = time.monotonic()
             await copies.attach(agent)
             t2 = time.monotonic()
@@ -316,7 +316,10 @@ class AppContainer(_Task):
                 agent.create_container(
                     task.id,
                     spec_json,
-                    disk.guest_path,
+                    guest_root.path,
+                    upper_dir=guest_root.upper_dir,
+                    work_dir=guest_root.work_dir,
+                    upper_tmpfs_mib=guest_root.upper_tmpfs_mib,
                     terminal=task.stdio.terminal,
                     stdin=bool(task.stdio.stdin),
                 ),
@@ -325,17 +328,17 @@ class AppContainer(_Task):
             log.info("event=container_create_failed container=%s error=%r", task.id, str(err))
             await io.close()
             await self._remove_from_guest()
-            await disk.detach(ctx)
+            await rootfs.detach(ctx)
             if isinstance(err, ShimError):
                 raise type(err)(f"create {task.id}: {err}") from err
             raise
         self.init.io = io
         log.info(
-            "event=container_created container=%s disk=%s disk_mib=%d rootfs_ms=%d "
-            "plug_mount_ms=%d copies=%d copy_ms=%d create_ms=%d",
-            task.id, disk.id, disk.size >> 20, disk.timings_ms.get("rootfs_ms", 0),
-            disk.timings_ms.get("plug_mount_ms", 0), copies.count, (t2 - t1) * 1000,
-            (time.monotonic() - t2) * 1000,
+            "event=container_created container=%s disks=%s %s copies=%d copy_ms=%d "
+            "create_ms=%d",
+            task.id, ",".join(rootfs.disk_ids),
+            " ".join(f"{k}={v}" for k, v in rootfs.summary.items()),
+            copies.count, (t2 - t1) * 1000, (time.monotonic() - t2) * 1000,
         )
         return self
 
@@ -538,7 +541,7 @@ class AppContainer(_Task):
         await self.close_io_all()
         self.execs.clear()
         await self._remove_from_guest()
-        await self.disk.detach(self._ctx)
+        await self.rootfs.detach(self._ctx)
 
     async def _remove_from_guest(self) -> None:
         agent = self._ctx.live_agent()

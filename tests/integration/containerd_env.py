@@ -85,6 +85,7 @@ def shim_config(state_dir: Path, **overrides: object) -> dict[str, object]:
         "default_memory_mib": 256,
         "state_dir": str(state_dir),
         "disk_dir": str(state_dir.parent / "disks"),
+        "cache_dir": str(state_dir.parent / "cache"),
         "debug": True,
     }
     config.update(overrides)
@@ -232,6 +233,11 @@ def leftovers(state_dir: Path, root: Path) -> list[str]:
     for owned in (state_dir, state_dir.parent / "disks"):
         if owned.exists():
             found += [f"file {p}" for p in owned.rglob("*")]
+    # Cached images may stay (that is the cache); references and builds may not.
+    cache = state_dir.parent / "cache"
+    for held in (cache / "refs", cache / "building"):
+        if held.exists():
+            found += [f"cache {p}" for p in held.rglob("*")]
     return found
 
 

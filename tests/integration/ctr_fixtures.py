@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -43,7 +44,7 @@ class Env:
                 found.append(f"mount {target}")
         for pid, cmdline in shim_processes(self.containerd):
             found.append(f"shim {pid}: {cmdline[:100]}")
-        found += [f"shim socket {p}" for p in shim_sockets() - self.sockets_before]
+        found += [f"shim socket {p}" for p in stale_sockets(shim_sockets() - self.sockets_before)]
         return found
 
     def restart_containerd(self, down_s: float = 4.0) -> None:
@@ -65,6 +66,24 @@ def shim_sockets() -> frozenset[Path]:
     if not SHIM_SOCKET_DIR.exists():
         return frozenset()
     return frozenset(SHIM_SOCKET_DIR.iterdir())
+
+
+def stale_sockets(sockets: frozenset[Path]) -> list[Path]:
+    """Sockets nobody listens on: a live one is another containerd's shim (other test
+    runs may share this host), and ours are caught by `shim_processes` while alive."""
+    stale = []
+    for path in sorted(sockets):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(str(path))
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        except OSError:
+            stale.append(path)
+        finally:
+            probe.close()
+    return stale
 
 
 def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
