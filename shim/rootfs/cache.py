@@ -3,6 +3,7 @@
 Layout under `cache_dir` (all on one filesystem, so that renames are atomic):
 
     lock                       held (flock) around every change to images/ and refs/
+    journal                    one JSON line per build and per eviction
     images/<key>.<format>      complete images; mtime = last use (LRU)
     building/<key>.<holder>    an image being written (never looks complete)
     locks/<key>                held (flock) by the one process building <key>
@@ -31,6 +32,9 @@ from the pod's record. **Eviction** (LRU by mtime, above `max_bytes` of allocate
 space) only removes entries without references, under the cache lock.
 **Garbage** (references whose pod state no longer names them, builds whose
 builder is gone) is collected by `collect_garbage`, which a daemon runs at start.
+
+`python -m shim.rootfs.cache CACHE_DIR [FORMAT]` lists the entries, one JSON line
+each: key, size, last use, builds, and the pods referencing it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ import hashlib
 import json
 import logging
 import os
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,8 +159,10 @@ class ImageCache:
             tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.unlink(missing_ok=True)
             try:
+                started = time.monotonic()
                 await build(tmp)
-                path = await _uninterrupted(self._publish, key, holder, tmp)
+                build_ms = int((time.monotonic() - started) * 1000)
+                path = await _uninterrupted(self._publish, key, holder, tmp, build_ms)
             finally:
                 tmp.unlink(missing_ok=True)
         evicted = await asyncio.to_thread(self.evict)
@@ -171,14 +179,59 @@ class ImageCache:
             os.utime(image)  # last use, for LRU
         return image
 
-    def _publish(self, key: str, holder: Holder, tmp: Path) -> Path:
+    def _publish(self, key: str, holder: Holder, tmp: Path, build_ms: int) -> Path:
         image = self.image_path(key)
         image.parent.mkdir(parents=True, exist_ok=True)
+        size = tmp.stat().st_blocks * 512
         with self._locked():
             os.rename(tmp, image)
             _fsync_dir(image.parent)
             self._write_ref(key, holder)
+            self._journal(event="built", key=key, by=holder.name, ms=build_ms, bytes=size)
         return image
+
+    def _journal(self, **event: object) -> None:
+        """One line per build or eviction (under the cache lock; not fsynced: it is a
+        record for people, nothing decides on it)."""
+        line = json.dumps({"at": time.time(), **event}) + "\n"
+        fd = os.open(self.root / "journal", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def journal(self) -> list[dict[str, object]]:
+        try:
+            text = (self.root / "journal").read_text()
+        except FileNotFoundError:
+            return []
+        events = []
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+        return events
+
+    def listing(self) -> list[dict[str, object]]:
+        """The entries, with their builds and the pods referencing them."""
+        events = self.journal()
+        out = []
+        for entry in self.entries():
+            builds = [e for e in events if e.get("event") == "built" and e.get("key") == entry.key]
+            try:
+                holders = sorted(os.listdir(self.root / "refs" / entry.key))
+            except FileNotFoundError:
+                holders = []
+            out.append({
+                "key": entry.key,
+                "format": self.format,
+                "bytes": entry.size,
+                "last_used": entry.last_used_ns / 1e9,
+                "builds": len(builds),
+                "built_by": [b.get("by") for b in builds],
+                "refs": holders,
+            })
+        return out
 
     def _write_ref(self, key: str, holder: Holder) -> None:
         ref = self.ref_path(key, holder.name)
@@ -216,6 +269,7 @@ class ImageCache:
             for entry in choose_evictions(self.entries(), self.max_bytes):
                 with contextlib.suppress(FileNotFoundError):
                     entry.path.unlink()
+                    self._journal(event="evicted", key=entry.key, bytes=entry.size)
                     done.append(f"key={entry.key} size_mib={entry.size >> 20}")
         return done
 
@@ -240,7 +294,18 @@ class ImageCache:
                     if free:
                         tmp.unlink(missing_ok=True)
                         done.append(f"removed unfinished build {tmp}")
-        return done + [f"evicted {line}" for line in self.evict()]
+        done += [f"evicted {line}" for line in self.evict()]
+        self._compact_journal()
+        return done
+
+    def _compact_journal(self) -> None:
+        """Keep the journal's lines about entries still there: it stays small."""
+        with self._locked():
+            present = {e.key for e in self.entries()}
+            kept = [e for e in self.journal() if e.get("key") in present]
+            tmp = self.root / "journal.tmp"
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+            os.replace(tmp, self.root / "journal")
 
     # -- locks ---------------------------------------------------------------------------
 
@@ -343,3 +408,22 @@ async def _uninterrupted(fn: Callable[..., T], *args: object) -> T:
             await task
         raise
 
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) not in (1, 2) or argv[0].startswith("-"):
+        print("usage: python -m shim.rootfs.cache CACHE_DIR [ext4|erofs]", file=sys.stderr)
+        return 2
+    name = argv[1] if len(argv) == 2 else "ext4"
+    if name not in ("ext4", "erofs"):
+        print(f"format: must be ext4 or erofs (got {name!r})", file=sys.stderr)
+        return 2
+    fmt: Format = "erofs" if name == "erofs" else "ext4"
+    cache = ImageCache(Path(argv[0]), max_bytes=0, fmt=fmt)
+    for item in cache.listing():
+        print(json.dumps(item))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -162,7 +162,7 @@ class PrivateImage(PluggedDisk):
         self._dirs = tuple(dirs)
         self._fmt: Format = fmt
         self._image = work_dir / f"{disk_id}.{fmt}"
-        self._scratch = work_dir / "mnt" / disk_id
+        self._scratch = work_dir / f"mnt-{disk_id}"
         self.size = 0
 
     @property

@@ -47,7 +47,7 @@ class SharedImage(PluggedDisk):
         self._layers = layers
         self._cache = cache
         self._holder = Holder(pod_name, state_file, disk_id)
-        self._scratch = work_dir / "mnt" / disk_id
+        self._scratch = work_dir / f"mnt-{disk_id}"
         self.users: set[str] = set()
         self.built = False
 

@@ -238,6 +238,12 @@ def leftovers(state_dir: Path, root: Path) -> list[str]:
     for held in (cache / "refs", cache / "building"):
         if held.exists():
             found += [f"cache {p}" for p in held.rglob("*")]
+    # No loop device over anything of the shim's.
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            target = backing.read_text().strip()
+            if target.startswith((str(cache), str(state_dir.parent / "disks"))):
+                found.append(f"loop device {backing.parts[3]} over {target}")
     return found
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,7 +45,8 @@ class Env:
                 found.append(f"mount {target}")
         for pid, cmdline in shim_processes(self.containerd):
             found.append(f"shim {pid}: {cmdline[:100]}")
-        found += [f"shim socket {p}" for p in stale_sockets(shim_sockets() - self.sockets_before)]
+        ours = shim_sockets() & announced_sockets(self.containerd)
+        found += [f"shim socket {p}" for p in stale_sockets(ours - self.sockets_before)]
         return found
 
     def restart_containerd(self, down_s: float = 4.0) -> None:
@@ -66,6 +68,15 @@ def shim_sockets() -> frozenset[Path]:
     if not SHIM_SOCKET_DIR.exists():
         return frozenset()
     return frozenset(SHIM_SOCKET_DIR.iterdir())
+
+
+def announced_sockets(containerd: Containerd) -> frozenset[Path]:
+    """The sockets our shim daemons said they serve (their log reaches containerd's):
+    other test runs on this host have shims of their own in the same directory."""
+    text = (containerd.root / "containerd.log").read_text(errors="replace")
+    return frozenset(
+        Path(match) for match in re.findall(r"event=daemon_start .*?socket=(\S+)", text)
+    )
 
 
 def stale_sockets(sockets: frozenset[Path]) -> list[Path]:

@@ -200,6 +200,8 @@ def test_twenty_concurrent_processes_build_once(tmp_path: Path) -> None:
     cache = ImageCache(tmp_path / "cache", max_bytes=1 << 30, fmt="ext4")
     assert [(e.key, e.refs) for e in cache.entries()] == [("k1", 20)]
     assert cache.image_path("k1").read_bytes() == b"part-done"
+    (listed,) = cache.listing()
+    assert (listed["builds"], len(listed["refs"])) == (1, 20)  # type: ignore[arg-type]
 
 
 def test_a_builder_killed_mid_build_leaves_nothing_complete(tmp_path: Path) -> None:
