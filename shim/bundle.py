@@ -28,10 +28,13 @@ class SocketPathError(ValueError):
     """The socket path would not fit in a sockaddr_un."""
 
 
-def socket_path(grpc_address: str, namespace: str, group_id: str) -> Path:
-    """containerd's shim socket convention: sha256 of filepath.Join(address, ns, id)."""
+def socket_path(
+    grpc_address: str, namespace: str, group_id: str, *, root: Path | None = None
+) -> Path:
+    """containerd's shim socket convention: sha256 of filepath.Join(address, ns, id), in
+    /run/containerd/s or the socket dir containerd 2.3 names."""
     joined = os.path.normpath("/".join(p for p in (grpc_address, namespace, group_id) if p))
-    path = SOCKET_ROOT / hashlib.sha256(joined.encode()).hexdigest()
+    path = (root or SOCKET_ROOT) / hashlib.sha256(joined.encode()).hexdigest()
     if len(str(path)) > SOCKET_PATH_MAX:
         raise SocketPathError(f"socket path {path} is longer than {SOCKET_PATH_MAX} bytes")
     return path

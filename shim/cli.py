@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim import bundle as bundle_mod
-from shim import pbwire, spec
+from shim import forker, pbwire, spec
 from shim.bundle import SocketPathError, can_connect, socket_path, write_address
 
 RUNTIME = "io.containerd.cloudhv.v1"
@@ -126,6 +126,22 @@ def bind_listener(path: Path) -> socket.socket | None:
     raise UsageError(f"cannot bind {path}: address in use")
 
 
+def _daemon_flags(args: Args, pod_id: str, path: Path) -> list[str]:
+    """The daemon's command line after the interpreter, without the fd flags."""
+    flags = [
+        "--namespace", args.namespace,
+        "--address", args.address,
+        "--publish-binary", args.publish_binary,
+        "--id", args.id,
+        "--pod-id", pod_id,
+        "--bundle", str(Path.cwd()),
+        "--socket", str(path),
+    ]
+    if args.debug:
+        flags.append("--debug")
+    return flags
+
+
 def _daemon_argv(args: Args, pod_id: str, path: Path, fds: tuple[int, int, int]) -> list[str]:
     root = str(Path(__file__).resolve().parent.parent)
     # -sE: no user site, no PYTHON* env; the checkout (or site-packages) goes on sys.path.
@@ -134,38 +150,84 @@ def _daemon_argv(args: Args, pod_id: str, path: Path, fds: tuple[int, int, int])
         f"import sys; sys.argv[0] = 'containerd-shim-cloudhv-v1'; sys.path.insert(0, {root!r}); "
         "from shim.daemon import main; sys.exit(main())"
     )
-    argv = [
+    return [
         sys.executable, "-sE", "-c", boot,
-        "--namespace", args.namespace,
-        "--address", args.address,
-        "--publish-binary", args.publish_binary,
-        "--id", args.id,
-        "--pod-id", pod_id,
-        "--bundle", str(Path.cwd()),
-        "--socket", str(path),
+        *_daemon_flags(args, pod_id, path),
         "--listen-fd", str(fds[0]),
         "--ready-fd", str(fds[1]),
         "--config-fd", str(fds[2]),
     ]
-    if args.debug:
-        argv.append("--debug")
-    return argv
 
 
-def _await_ready(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+class _Daemon:
+    """The pod daemon `start` launched: forked by the shared parent, or spawned here."""
+
+    def __init__(self, pid: int, proc: subprocess.Popen[bytes] | None = None) -> None:
+        self.pid = pid
+        self._proc = proc
+        self._start_time = _start_time(pid)
+
+    def status(self) -> int | None:
+        """Its exit status if it is gone (-1 when unknown: not our child), else None."""
+        if self._proc is not None:
+            return self._proc.poll()
+        if self._start_time is None or _start_time(self.pid) != self._start_time:
+            return -1
+        return None
+
+    def kill(self) -> None:
+        if self.status() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, 9)
+        if self._proc is not None:
+            self._proc.wait()
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return None if fields[0] in (b"Z", b"X") else fields[19].decode()
+
+
+def _launch_daemon(args: Args, pod_id: str, path: Path, fds: tuple[int, int, int]) -> _Daemon:
+    """Ask the shared parent for a daemon; spawn one here when none of this version serves
+    (and start one for the pods to come)."""
+    try:
+        pid = forker.request_daemon(_daemon_flags(args, pod_id, path), os.environ, fds)
+        return _Daemon(pid)
+    except forker.ForkerUnavailable:
+        if not forker.socket_path().exists():
+            forker.launch()
+    proc = subprocess.Popen(
+        _daemon_argv(args, pod_id, path, fds),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=fds,
+        start_new_session=True,  # no signal for containerd's process group reaches it
+        cwd="/",
+    )
+    return _Daemon(proc.pid, proc)
+
+
+def _await_ready(fd: int, daemon: _Daemon, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     buf = b""
     while b"\n" not in buf:
         left = deadline - time.monotonic()
         if left <= 0:
-            proc.kill()
+            daemon.kill()
             raise UsageError(f"shim daemon not ready after {timeout:.0f}s")
         readable, _, _ = select.select([fd], [], [], left)
         if not readable:
             continue
         chunk = os.read(fd, 4096)
         if not chunk:
-            code = proc.poll()
+            code = daemon.status()
             raise UsageError(f"shim daemon exited before it was ready (status {code})")
         buf += chunk
     line = buf.split(b"\n", 1)[0].decode(errors="replace")
@@ -173,40 +235,38 @@ def _await_ready(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> None
         raise UsageError(line.removeprefix("error: "))
 
 
-def start(args: Args, stdin: bytes) -> str:
+def start(args: Args, stdin: bytes) -> bytes:
+    """Find or launch the pod's daemon; returns what to print: the address, or for
+    containerd 2.3+ (BootstrapParams on stdin) a BootstrapResult carrying it."""
     bundle = Path.cwd()
     identity = spec.identify(args.id, spec.bundle_annotations(bundle))
-    path = socket_path(args.address, args.namespace, identity.pod_id)
+    given = pbwire.parse_start_stdin(stdin, args.id, args.namespace)
+    root = Path(given.socket_dir) if given.socket_dir else None
+    path = socket_path(args.address, args.namespace, identity.pod_id, root=root)
     address = f"unix://{path}"
-    config_path = pbwire.config_path_from_stdin(stdin, args.id, args.namespace)
+    answer = pbwire.bootstrap_result(address) if given.bootstrap else address.encode()
+    config_path = given.config_path
     bundle_mod.write_info(bundle, bundle_mod.BundleInfo(identity.pod_id, config_path))
     listener = bind_listener(path)
     if listener is None:  # the pod's daemon is alive: this task joins it
         write_address(bundle, address)
-        return address
-    ready_r, ready_w = os.pipe()
-    config_r, config_w = os.pipe()
+        return answer
+    # Not inherited by anything `start` spawns: they travel as fds on purpose.
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    config_r, config_w = os.pipe2(os.O_CLOEXEC)
     try:
         fds = (listener.fileno(), ready_w, config_r)
-        proc = subprocess.Popen(
-            _daemon_argv(args, identity.pod_id, path, fds),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            pass_fds=fds,
-            start_new_session=True,  # no signal for containerd's process group reaches it
-            cwd="/",
-        )
+        daemon = _launch_daemon(args, identity.pod_id, path, fds)
         for fd in (ready_w, config_r):
             os.close(fd)
         ready_w = config_r = -1
-        state_dir = _send_config(config_w, proc, config_path)
+        state_dir = _send_config(config_w, daemon, config_path)
         os.close(config_w)
         config_w = -1
         # delete then finds the state without the config, should it change or break.
         info = bundle_mod.BundleInfo(identity.pod_id, config_path, state_dir)
         bundle_mod.write_info(bundle, info)
-        _await_ready(ready_r, proc, READY_TIMEOUT_S)
+        _await_ready(ready_r, daemon, READY_TIMEOUT_S)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -216,10 +276,10 @@ def start(args: Args, stdin: bytes) -> str:
             if fd >= 0:
                 os.close(fd)
     write_address(bundle, address)
-    return address
+    return answer
 
 
-def _send_config(fd: int, proc: subprocess.Popen[bytes], config_path: str) -> str:
+def _send_config(fd: int, daemon: _Daemon, config_path: str) -> str:
     """Validate the config and write it to the daemon's config pipe; returns the
     state dir it names.
 
@@ -231,8 +291,7 @@ def _send_config(fd: int, proc: subprocess.Popen[bytes], config_path: str) -> st
     try:
         validated = config.load(config.resolve_path(config_path))
     except config.ConfigError as err:
-        proc.kill()
-        proc.wait()
+        daemon.kill()
         raise UsageError(str(err)) from None
     data = memoryview(config.dumps(validated).encode())
     with contextlib.suppress(BrokenPipeError):  # a dead daemon: _await_ready says how
@@ -264,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.action == "start":
             _require(args, "namespace", "address", "id")
             stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-            sys.stdout.write(start(args, stdin))
+            sys.stdout.buffer.write(start(args, stdin))
             return 0
         if args.action == "delete":
             _require(args, "namespace", "id")

@@ -96,30 +96,40 @@ def options_config_path(options: AnyMessage) -> str:
     return ""
 
 
-def config_path_from_stdin(data: bytes, shim_id: str, namespace: str) -> str:
-    """The ConfigPath runtime option in `start`'s stdin, "" if none.
+@dataclass(frozen=True)
+class StartInput:
+    """What `start` learns from its stdin."""
 
-    containerd ≤2.2 sends an Any of the runtime options; 2.3+ sends
-    BootstrapParams, told apart by instance_id (1) and namespace (2) matching
-    our flags, with the options inside extensions (8) as Extension{Any value=1}.
-    """
+    config_path: str = ""  # the CRI runtime option ConfigPath
+    bootstrap: bool = False  # containerd 2.3+: answer with a BootstrapResult
+    socket_dir: str = ""  # BootstrapParams.socket_dir, where the shim socket goes
+
+
+def parse_start_stdin(data: bytes, shim_id: str, namespace: str) -> StartInput:
+    """containerd ≤2.2 sends an Any of the runtime options; 2.3+ sends BootstrapParams
+    (api/runtime/bootstrap/v1), told apart by instance_id (1) and namespace (2)
+    matching our flags, with the options inside extensions (8) as Extension{Any
+    value=1}, and an optional socket_dir (9)."""
     if not data:
-        return ""
+        return StartInput()
     try:
-        bootstrap = _bootstrap_extensions(data, shim_id, namespace)
+        bootstrap = _bootstrap(data, shim_id, namespace)
     except WireError:
         bootstrap = None
     if bootstrap is not None:
-        for ext in bootstrap:
-            path = options_config_path(ext)
-            if path:
-                return path
-        return ""
-    return options_config_path(parse_any(data))
+        extensions, socket_dir = bootstrap
+        path = next((p for p in map(options_config_path, extensions) if p), "")
+        return StartInput(path, bootstrap=True, socket_dir=socket_dir)
+    return StartInput(options_config_path(parse_any(data)))
 
 
-def _bootstrap_extensions(data: bytes, shim_id: str, namespace: str) -> list[AnyMessage] | None:
-    instance_id = ns = ""
+def config_path_from_stdin(data: bytes, shim_id: str, namespace: str) -> str:
+    """The ConfigPath runtime option in `start`'s stdin, "" if none."""
+    return parse_start_stdin(data, shim_id, namespace).config_path
+
+
+def _bootstrap(data: bytes, shim_id: str, namespace: str) -> tuple[list[AnyMessage], str] | None:
+    instance_id = ns = socket_dir = ""
     extensions: list[AnyMessage] = []
     for number, wire_type, raw in fields(data):
         if number == 1 and wire_type == LEN:
@@ -130,9 +140,11 @@ def _bootstrap_extensions(data: bytes, shim_id: str, namespace: str) -> list[Any
             for inner_number, _, inner in fields(raw):
                 if inner_number == 1 and isinstance(inner, bytes):
                     extensions.append(parse_any(inner))
+        elif number == 9 and wire_type == LEN:
+            socket_dir = _text(raw)
     if instance_id != shim_id or ns != namespace:
         return None
-    return extensions
+    return extensions, socket_dir
 
 
 def _put_varint(out: bytearray, value: int) -> None:
@@ -170,4 +182,13 @@ def delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
     _put_field(out, 1, pid)
     _put_field(out, 2, exit_status)
     _put_field(out, 3, bytes(timestamp))
+    return bytes(out)
+
+
+def bootstrap_result(address: str, *, version: int = 2, protocol: str = "ttrpc") -> bytes:
+    """containerd.runtime.bootstrap.v1.BootstrapResult{version=1, address=2, protocol=3}."""
+    out = bytearray()
+    _put_field(out, 1, version)
+    _put_field(out, 2, address.encode())
+    _put_field(out, 3, protocol.encode())
     return bytes(out)

@@ -326,3 +326,40 @@ def test_slow_reader_gets_every_byte_and_others_keep_flowing(env: Env) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def _forkers() -> list[int]:
+    return processes("shim.forker")
+
+
+def test_crash_isolation_one_pods_shim_and_the_shared_parent(cri: CriClient, env: Env) -> None:
+    """Three pods, their daemons forked by one shared parent. SIGKILL of one pod's daemon
+    affects that pod only; SIGKILL of the parent affects none; a pod started after that
+    boots (start spawns its daemon itself, then a new parent)."""
+    pods = [pod_in_cgroup(cri, env, f"iso{n}") for n in range(3)]
+    try:
+        cids = [pod.container("a", ["sleep", "600"]) for pod in pods]
+        daemons = {pid: cmd for pid, cmd in shim_processes(env.containerd)}
+        assert len(daemons) == 3
+        forked = [pid for pid, cmd in daemons.items() if cmd.startswith("containerd-shim")]
+        assert forked, "no daemon was forked by the shared parent"
+        victim = forked[0]
+        victim_pod = next(p for p in pods if p.id in daemons[victim])
+        os.kill(victim, signal.SIGKILL)
+        exited = cri.pb.CONTAINER_EXITED
+        wait_until(lambda: container_states(cri, victim_pod) == {"a": exited}, 60, "victim")
+        for pod, cid in zip(pods, cids, strict=True):
+            if pod is not victim_pod:
+                assert pod.exec_sync(cid, ["echo", "alive"]) == (b"alive\n", b"", 0)
+        for parent in _forkers():
+            os.kill(parent, signal.SIGKILL)
+        for pod, cid in zip(pods, cids, strict=True):
+            if pod is not victim_pod:
+                assert pod.exec_sync(cid, ["echo", "still"]) == (b"still\n", b"", 0)
+        late = pod_in_cgroup(cri, env, "iso-late")
+        pods.append(late)
+        late_cid = late.container("a", ["sleep", "600"])
+        assert late.exec_sync(late_cid, ["echo", "new"]) == (b"new\n", b"", 0)
+    finally:
+        for pod in pods:
+            pod.remove()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -149,6 +151,63 @@ def test_start_connect_shutdown(setup: tuple[Path, dict[str, str], list[str]]) -
     resp = shim_pb2.DeleteResponse()
     resp.ParseFromString(deleted.stdout)
     assert resp.exit_status == 137 and resp.exited_at.seconds > 0
+
+
+def _bootstrap_params(task_id: str, namespace: str, config_path: str, socket_dir: str) -> bytes:
+    """BootstrapParams as containerd 2.3's pkg/shim Command writes them on start's stdin,
+    assembled field by field (api/runtime/bootstrap/v1 numbers): instance_id=1,
+    namespace=2, log_level=3 (DEBUG = -4, a 10-byte varint), containerd_version=4,
+    ttrpc=5, grpc=6, binary=7, extensions=8 {Any value=1 of runtimeoptions.v1.Options
+    {config_path=2}}, socket_dir=9."""
+
+    def field(number: int, value: bytes) -> bytes:
+        assert len(value) < 128
+        return bytes([number << 3 | 2, len(value)]) + value
+
+    options = field(2, config_path.encode())
+    any_ = field(1, b"containerd.runtimeoptions.v1.Options") + field(2, options)
+    return b"".join(
+        [
+            field(1, task_id.encode()),
+            field(2, namespace.encode()),
+            bytes([3 << 3]) + b"\xfc\xff\xff\xff\xff\xff\xff\xff\xff\x01",
+            field(4, b"2.3.4"),
+            field(5, b"unix:///run/containerd/containerd.sock.ttrpc"),
+            field(6, b"unix:///run/containerd/containerd.sock"),
+            field(7, b"/usr/bin/containerd"),
+            field(8, field(1, any_)),
+            field(9, socket_dir.encode()),
+        ]
+    )
+
+
+def test_containerd_2_3_bootstrap_protocol(
+    setup: tuple[Path, dict[str, str], list[str]], tmp_path: Path
+) -> None:
+    """containerd 2.3 writes BootstrapParams and reads a BootstrapResult; the runtime
+    option inside is honoured, and so is the socket dir."""
+    from shim._pb.containerd.runtime.bootstrap.v1 import bootstrap_pb2
+
+    bundle, env, flags = setup
+    task_id = flags[flags.index("-id") + 1]
+    socket_dir = Path(tempfile.mkdtemp(prefix="chv-s", dir="/run"))
+    try:
+        env = {k: v for k, v in env.items() if k != "CLOUDHV_CONFIG"}
+        stdin = _bootstrap_params(task_id, "testns", str(tmp_path / "config.json"), str(socket_dir))
+        out = _shim(bundle, *flags, "start", env=env, stdin=stdin)
+        assert out.returncode == 0, out.stderr
+        result = bootstrap_pb2.BootstrapResult()
+        result.ParseFromString(out.stdout)
+        assert (result.version, result.protocol) == (2, "ttrpc")
+        assert result.address.startswith(f"unix://{socket_dir}/")
+        pid = _pid_of(result.address)
+        shutdown = shim_pb2.ShutdownRequest(id="x")
+        asyncio.run(_call(result.address, "Shutdown", shutdown, shim_pb2.PidsRequest))
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def test_sigkill_then_delete_leaves_nothing(

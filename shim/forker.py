@@ -1,0 +1,244 @@
+"""The shared parent: one pre-imported process per node that forks each pod's daemon.
+
+A pod's daemon spends most of its memory on import-time objects (asyncio, protobuf,
+the shim's own modules). Forked from one parent that imported them once, and froze
+them out of the garbage collector's reach (`gc.freeze()`), the daemons share those
+pages instead of each paying for its own copy.
+
+Crash isolation is kept: the parent double-forks, so a daemon's parent is init (or
+the subreaper), never the forker, and killing the forker affects no running pod.
+One daemon still serves one pod: a daemon's crash takes only its pod with it.
+
+`start` (shim/cli.py) asks the forker for a daemon over a Unix socket, passing the
+pod's listening socket and the ready and config pipes as file descriptors. When no
+forker answers, or one of another version of the shim, `start` spawns the daemon
+itself (and a forker for the next pod). The forker's socket name carries a hash of
+the shim's code, so an upgrade never forks old code.
+
+Only the standard library at import time: `start` imports the client half.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+SOCKET_DIR = Path("/run/cloudhv")
+REQUEST_MAX = 64 * 1024
+REQUEST_TIMEOUT_S = 5.0
+# Room for a forked daemon's own command line in the forker's argv (see proctitle).
+ARGV_ROOM = 2048
+IDLE_EXIT_S = 600.0  # a forker nobody asked for this long exits (no daemon depends on it)
+
+
+def code_key() -> str:
+    """A short hash of the shim's code (names, sizes, mtimes): the forker's version."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256(sys.executable.encode())
+    for path in sorted(root.rglob("*.py")):
+        info = path.stat()
+        digest.update(f"{path.relative_to(root)}:{info.st_size}:{info.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def socket_path(key: str | None = None) -> Path:
+    return SOCKET_DIR / f"forker-{key or code_key()}.sock"
+
+
+# -- the client half: `start` ----------------------------------------------------------
+
+
+class ForkerUnavailable(Exception):
+    """No forker of this version answered; the caller spawns the daemon itself."""
+
+
+def request_daemon(
+    argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int], *, path: Path | None = None
+) -> int:
+    """Have the forker fork a daemon with `argv` (its own flags, without the fd flags),
+    `env`, and `fds` = (listen socket, ready pipe, config pipe). Returns its pid."""
+    target = path or socket_path()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(REQUEST_TIMEOUT_S)
+        try:
+            sock.connect(str(target))
+        except OSError as err:
+            raise ForkerUnavailable(f"{target}: {err.strerror or err}") from None
+        body = json.dumps({"argv": list(argv), "env": dict(env)}).encode()
+        fd_array = array.array("i", fds)
+        sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_array.tobytes())])
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    except (OSError, TimeoutError) as err:
+        raise ForkerUnavailable(f"{target}: {err}") from None
+    finally:
+        sock.close()
+    try:
+        answer = json.loads(reply)
+        return int(answer["pid"])
+    except (ValueError, KeyError, TypeError):
+        raise ForkerUnavailable(f"{target}: answered {reply[:200]!r}") from None
+
+
+def launch(key: str | None = None) -> None:
+    """Start a forker in the background, detached; it exits at once if one serves."""
+    root = str(Path(__file__).resolve().parent.parent)
+    boot = (
+        f"import sys; sys.path.insert(0, {root!r}); "
+        "from shim.forker import main; sys.exit(main())"
+    )
+    subprocess.Popen(
+        [sys.executable, "-sE", "-c", boot, "--socket", str(socket_path(key)), " " * ARGV_ROOM],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd="/",
+    )
+
+
+# -- the server half: the forker itself ---------------------------------------------------
+
+
+def main() -> int:
+    path = Path(sys.argv[sys.argv.index("--socket") + 1])
+    import gc
+
+    # What every daemon imports, imported once here. The VMM backends are imported
+    # lazily by the daemon, so they are named explicitly.
+    import shim.daemon
+    import shim.vmm.qemu
+
+    del shim
+
+    SOCKET_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    except OSError:
+        return 0  # another forker of this version serves already
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    listener.settimeout(IDLE_EXIT_S)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    gc.collect()
+    gc.freeze()  # the imported objects are never collected: no GC writes to their pages
+    try:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                return 0  # idle: the next pod's start launches a new one
+            with conn:
+                conn.settimeout(REQUEST_TIMEOUT_S)
+                _serve_one(conn, listener)
+    finally:
+        with contextlib.suppress(OSError):
+            if path.exists():
+                path.unlink()
+
+
+def _serve_one(conn: socket.socket, listener: socket.socket) -> None:
+    fds: list[int] = []
+    try:
+        uid = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        if int.from_bytes(uid[4:8], "little") != os.getuid():
+            return
+        body, fds = _receive(conn)
+        request = json.loads(body)
+        argv = [str(a) for a in request["argv"]]
+        env = {str(k): str(v) for k, v in request["env"].items()}
+        if len(fds) != 3:
+            raise ValueError(f"want 3 file descriptors, got {len(fds)}")
+        pid = _double_fork(argv, env, fds, (conn, listener))
+        conn.sendall(json.dumps({"pid": pid}).encode())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps({"error": str(err)}).encode())
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
+    fds = array.array("i")
+    body = b""
+    while True:
+        data, ancdata, _, _ = conn.recvmsg(REQUEST_MAX, socket.CMSG_LEN(16 * fds.itemsize))
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if not data:
+            return body, list(fds)
+        body += data
+        if len(body) > REQUEST_MAX:
+            raise ValueError("request too large")
+
+
+def _double_fork(
+    argv: list[str], env: dict[str, str], fds: list[int], close: tuple[socket.socket, ...]
+) -> int:
+    """Fork a daemon whose parent is not us; returns its pid."""
+    report_r, report_w = os.pipe()
+    first = os.fork()
+    if first == 0:  # the intermediate child: fork the daemon, tell its pid, exit
+        try:
+            os.close(report_r)
+            os.setsid()
+            second = os.fork()
+            if second == 0:
+                os.close(report_w)
+                _become_daemon(argv, env, fds, close)
+            os.write(report_w, str(second).encode())
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    with os.fdopen(report_r, "rb") as report:
+        pid = int(report.read() or b"0")
+    os.waitpid(first, 0)
+    if pid <= 0:
+        raise OSError("the daemon could not be forked")
+    return pid
+
+
+def _become_daemon(
+    argv: list[str], env: dict[str, str], fds: list[int], close: tuple[socket.socket, ...]
+) -> None:
+    code = 1
+    try:
+        for sock in close:
+            sock.close()
+        os.environ.clear()
+        os.environ.update(env)
+        from shim import proctitle
+        from shim.daemon import main as daemon_main
+
+        listen_fd, ready_fd, config_fd = fds
+        flags = [
+            *argv,
+            "--listen-fd", str(listen_fd),
+            "--ready-fd", str(ready_fd),
+            "--config-fd", str(config_fd),
+        ]
+        proctitle.set_title(["containerd-shim-cloudhv-v1", *flags])
+        import random
+
+        random.seed()  # not the forker's sequence
+        code = daemon_main(flags)
+    finally:
+        os._exit(code)

@@ -1,0 +1,100 @@
+"""The shared parent forks daemons that do not depend on it, with their own title."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shim import config, forker, proctitle
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_proctitle_rewrites_the_command_line() -> None:
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from shim import proctitle; "
+        "print(proctitle.set_title(['containerd-shim-cloudhv-v1', '--id', 'x'])); "
+        "print(open('/proc/self/cmdline', 'rb').read().rstrip(b'\\0'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(REPO), " " * 200], capture_output=True, text=True
+    ).stdout.split("\n")
+    assert out[0] == "True"
+    assert out[1] == repr(b"containerd-shim-cloudhv-v1\x00--id\x00x")
+    assert not proctitle.set_title(["x" * 100_000])  # too long: refused, nothing written
+
+
+def _ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
+def test_forked_daemon_is_not_the_forkers_child(sock_dir: Path, tmp_path: Path) -> None:
+    path = sock_dir / "forker.sock"
+    boot = f"import sys; sys.path.insert(0, {str(REPO)!r}); from shim.forker import main; main()"
+    parent = subprocess.Popen(
+        [sys.executable, "-sE", "-c", boot, "--socket", str(path), " " * forker.ARGV_ROOM]
+    )
+    pid = 0
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists():
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(sock_dir / "pod.sock"))
+        listener.listen()
+        ready_r, ready_w = os.pipe()
+        config_r, config_w = os.pipe()
+        valid = config.parse(
+            {
+                "vmm": "qemu",
+                "kernel_path": "/k",
+                "rootfs_path": "/r",
+                "kernel_args": "quiet",
+                "state_dir": str(tmp_path / "state"),
+                "disk_dir": str(tmp_path / "disks"),
+            }
+        )
+        bundle = tmp_path / "bundle"
+        bundle.mkdir()
+        flags = ["--namespace", "ns", "--id", "t1", "--pod-id", "t1", "--bundle", str(bundle)]
+        flags += ["--socket", str(sock_dir / "pod.sock")]
+        pid = forker.request_daemon(
+            flags, {"PATH": "/usr/bin:/bin"}, (listener.fileno(), ready_w, config_r), path=path
+        )
+        for fd in (ready_w, config_r):
+            os.close(fd)
+        listener.close()
+        os.write(config_w, config.dumps(valid).encode())
+        os.close(config_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            assert ready.readline() == b"ok\n"
+        # Its parent is init (or the subreaper), never the forker: killing the forker
+        # cannot take it along.
+        assert _ppid(pid) != parent.pid
+        parent.kill()
+        parent.wait()
+        time.sleep(0.2)
+        assert _ppid(pid) > 0  # still alive
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert cmdline.startswith(b"containerd-shim-cloudhv-v1\0--namespace\0ns")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+
+
+def test_no_forker_means_unavailable(sock_dir: Path) -> None:
+    with pytest.raises(forker.ForkerUnavailable):
+        forker.request_daemon([], {}, (0, 1, 2), path=sock_dir / "nobody.sock")
