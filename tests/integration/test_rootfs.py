@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,6 +292,46 @@ def test_references_are_released_after_a_shim_sigkill(cri: CriClient, env: Env) 
         while entries_of(env, pod):  # containerd's `delete` runs from the pod's state
             assert time.monotonic() < deadline, "the reference was never released"
             time.sleep(0.2)
+    finally:
+        pod.remove()
+    assert env.wait_clean() == []
+
+
+def test_a_shim_killed_mid_build_leaves_no_entry_and_delete_cleans_up(
+    cri: CriClient, env: Env
+) -> None:
+    ref = f"localhost/test/midbuild:{os.getpid()}"
+    layers = [busybox(env), Layer().dir("data").file("data/big", os.urandom(48 << 20))]
+    import_image(env.containerd, build_image(layers, ref, ["sh"], env.scratch / "mid.tar"),
+                 "k8s.io")
+    building = env.state_dir.parent / "cache" / "building"
+    pod = Pod(cri, env, "midbuild")
+    try:
+        errors: list[BaseException] = []
+
+        def create() -> None:
+            try:
+                pod.container("a", ["sleep", "600"], image=ref)
+            except BaseException as err:  # expected: its shim is killed under it
+                errors.append(err)
+
+        thread = threading.Thread(target=create)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while not (building.exists() and any(building.iterdir())):
+            assert time.monotonic() < deadline, "the build never started"
+            time.sleep(0.005)
+        for pid, _ in shim_processes(env.containerd):
+            os.kill(pid, signal.SIGKILL)
+        thread.join(180)
+        assert errors, "the create succeeded although its shim was killed mid-build"
+        # containerd's `delete` removes the half-written file from the pod's record; no
+        # entry ever looked complete.
+        deadline = time.monotonic() + 60
+        while any(building.iterdir()):
+            assert time.monotonic() < deadline, list(building.iterdir())
+            time.sleep(0.1)
+        assert built_by(env, pod) == [] and entries_of(env, pod) == []
     finally:
         pod.remove()
     assert env.wait_clean() == []
