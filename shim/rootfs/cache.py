@@ -165,7 +165,11 @@ class ImageCache:
                 path = await _uninterrupted(self._publish, key, holder, tmp, build_ms)
             finally:
                 tmp.unlink(missing_ok=True)
-        evicted = await asyncio.to_thread(self.evict)
+        try:
+            evicted = await asyncio.to_thread(self.evict)
+        except OSError as err:  # the image is built and referenced: that is what counts
+            log.warning("event=image_evict_failed error=%r", str(err))
+            evicted = []
         for line in evicted:
             log.info("event=image_evicted %s", line)
         return path, True
