@@ -113,6 +113,7 @@ async def make_filesystem(fmt: Format, tree: Path, out: Path) -> None:
     if fmt == "erofs":
         # Uncompressed: the guest reads it at disk speed, and the host page cache
         # holds one copy for every VM using it.
+        out.parent.mkdir(parents=True, exist_ok=True)
         await _run(["mkfs.erofs", "--quiet", str(out), str(tree)], f"mkfs.erofs {out} {tree}")
         return
     data, inodes = await asyncio.to_thread(tree_usage, tree)
@@ -172,8 +173,11 @@ async def _run(argv: list[str], what: str) -> None:
         await proc.wait()
         raise
     if proc.returncode != 0:
-        detail = out.decode(errors="replace").strip().splitlines()
-        raise RootfsError(f"{what}: exit {proc.returncode}: {detail[-1] if detail else ''}")
+        lines = out.decode(errors="replace").strip().splitlines()
+        # mkfs.erofs puts its error first ("<E> ...") and its usage after it.
+        errors = [line for line in lines if line.startswith("<E>")]
+        detail = errors[0] if errors else lines[-1] if lines else ""
+        raise RootfsError(f"{what}: exit {proc.returncode}: {detail}")
 
 
 def _fsync_size(path: Path) -> int:

@@ -142,7 +142,7 @@ class Harness:
 
     def images(self) -> list[Path]:
         """Per-container files in the pod's work dir: private images and uppers."""
-        return sorted((self.tmp / "disks").rglob("*.ext4"))
+        return sorted(p for p in (self.tmp / "disks").rglob("*") if p.is_file())
 
     def cache_refs(self) -> list[Path]:
         return sorted((self.tmp / "cache" / "refs").rglob("*"))
