@@ -33,7 +33,7 @@ space) only removes entries without references, under the cache lock.
 **Garbage** (references whose pod state no longer names them, builds whose
 builder is gone) is collected by `collect_garbage`, which a daemon runs at start.
 
-`python -m shim.rootfs.cache CACHE_DIR [FORMAT]` lists the entries, one JSON line
+`python -m shim.rootfs.cache CACHE_DIR` lists the entries (of every format), one JSON line
 each: key, size, last use, builds, and the pods referencing it.
 """
 
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from shim.rootfs.image import Format, RootfsError
+from shim.rootfs.image import FORMATS, Format, RootfsError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class Entry:
     size: int  # allocated bytes
     last_used_ns: int
     refs: int
+    format: str = ""
 
 
 def choose_evictions(entries: Sequence[Entry], max_bytes: int) -> list[Entry]:
@@ -228,7 +229,7 @@ class ImageCache:
                 holders = []
             out.append({
                 "key": entry.key,
-                "format": self.format,
+                "format": entry.format,
                 "bytes": entry.size,
                 "last_used": entry.last_used_ns / 1e9,
                 "builds": len(builds),
@@ -249,15 +250,18 @@ class ImageCache:
         found = []
         images = self.root / "images"
         with contextlib.suppress(FileNotFoundError):
+            # Every format counts against the cap: it is the directory's size.
             for item in sorted(images.iterdir()):
                 key, dot, fmt = item.name.partition(".")
-                if not dot or fmt != self.format:
+                if not dot or fmt not in FORMATS:
                     continue
                 try:
                     st = item.stat()
                 except FileNotFoundError:
                     continue
-                found.append(Entry(key, item, st.st_blocks * 512, st.st_mtime_ns, self._refs(key)))
+                found.append(
+                    Entry(key, item, st.st_blocks * 512, st.st_mtime_ns, self._refs(key), fmt)
+                )
         return found
 
     def _refs(self, key: str) -> int:
@@ -415,15 +419,10 @@ async def _uninterrupted(fn: Callable[..., T], *args: object) -> T:
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) not in (1, 2) or argv[0].startswith("-"):
-        print("usage: python -m shim.rootfs.cache CACHE_DIR [ext4|erofs]", file=sys.stderr)
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m shim.rootfs.cache CACHE_DIR", file=sys.stderr)
         return 2
-    name = argv[1] if len(argv) == 2 else "ext4"
-    if name not in ("ext4", "erofs"):
-        print(f"format: must be ext4 or erofs (got {name!r})", file=sys.stderr)
-        return 2
-    fmt: Format = "erofs" if name == "erofs" else "ext4"
-    cache = ImageCache(Path(argv[0]), max_bytes=0, fmt=fmt)
+    cache = ImageCache(Path(argv[0]), max_bytes=0, fmt="erofs")
     for item in cache.listing():
         print(json.dumps(item))
     return 0
