@@ -12,7 +12,6 @@ timeout; when it passes with nothing to report they return an empty value
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any, Self
 from shim._pb import agent_pb2 as _agent_pb2
 from shim.errors import DeadlineExceeded, Internal, Unavailable
 from shim.ttrpc.client import Client
-from shim.types import ContainerStats
+from shim.types import ContainerStats, IpInterface, Route
 from shim.vsock import connect_hybrid_vsock
 
 # Generated modules have no type stubs; every value read from them is converted.
@@ -36,8 +35,6 @@ MAX_CHUNK = 65536  # agent.options: stdin/stdout chunks are at most 64 KiB
 # Extra local wait on long polls, so a reply sent at the agent's deadline is
 # still received instead of being dropped (it may carry output bytes).
 _LONG_POLL_GRACE = 1.0
-
-IpInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 @dataclass(frozen=True)
@@ -60,14 +57,6 @@ class ExitStatus:
 class Output:
     data: bytes
     eof: bool  # no more data will ever come from this stream
-
-
-@dataclass(frozen=True)
-class Route:
-    destination: str  # CIDR; "" or "default" for the default route
-    gateway: str = ""
-    device: str = ""
-    metric: int = 0
 
 
 _STATS_FIELDS = tuple(ContainerStats.__dataclass_fields__)
@@ -173,9 +162,13 @@ class _GuestCalls(_Connection):
         name: str = "",
         mtu: int = 0,
         addresses: Sequence[IpInterface] = (),
-        timeout: float | None = DEFAULT_TIMEOUT,
+        wait: float = 0.0,
+        timeout: float | None = None,
     ) -> None:
-        """Configure the guest NIC with `mac`: rename, MTU, and addresses (e.g. 10.88.0.5/16)."""
+        """Configure the guest NIC with `mac`: rename, MTU, exactly these addresses
+        (e.g. 10.88.0.5/16), link up. `wait` is how long the agent waits for a
+        hot-plugged NIC to show up; the call's timeout defaults to that plus
+        DEFAULT_TIMEOUT."""
         req = _pb.UpdateInterfaceRequest(
             mac=mac,
             name=name,
@@ -183,7 +176,10 @@ class _GuestCalls(_Connection):
             addresses=[
                 _pb.IPAddress(address=str(a.ip), prefix_len=a.network.prefixlen) for a in addresses
             ],
+            timeout_ms=int(wait * 1000),
         )
+        if timeout is None:
+            timeout = wait + DEFAULT_TIMEOUT
         await self._call("UpdateInterface", req, None, timeout)
 
     async def update_routes(
@@ -192,7 +188,12 @@ class _GuestCalls(_Connection):
         req = _pb.UpdateRoutesRequest(
             routes=[
                 _pb.Route(
-                    destination=r.destination, gateway=r.gateway, device=r.device, metric=r.metric
+                    destination=r.destination,
+                    gateway=r.gateway,
+                    device=r.device,
+                    metric=r.metric,
+                    scope=r.scope,
+                    source=r.source,
                 )
                 for r in routes
             ]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shim import cgroups
+from shim import cgroups, network, portforward
 from shim.config import Config
 from shim.hostmount import unmount_under
 from shim.rootfs import disk, shared
@@ -33,6 +33,8 @@ HOST_UNDO: dict[str, HostUndo] = {
     disk.BLOCK_KIND: disk.undo_host_block,
     shared.KIND: shared.undo_host,
     cgroups.KIND: cgroups.undo_host,
+    network.KIND: network.undo_host,
+    portforward.KIND: portforward.undo_host,
 }
 
 

@@ -60,7 +60,10 @@ from shim.volumes import MountCopies
 
 log = logging.getLogger(__name__)
 
-POLL_S = 30.0  # long-poll length for waits and output reads
+POLL_S = 30.0  # long-poll length for process waits
+# Output reads poll shorter: after an exit, the pump switches to short reads at its
+# next turn (a read in flight is never cut: it may carry bytes).
+OUTPUT_POLL_S = 5.0
 DRAIN_NOTICE_S = 30  # after an exit, how often to log that output is still flowing
 VM_GONE_STATUS = 255  # a process whose VM died (as containerd reports dead shims)
 
@@ -81,6 +84,10 @@ class ContainerContext(PodServices, Protocol):
 
     async def wait_agent(self) -> AgentClient | None:
         """The agent, waiting through a reconnect; None once the VM or agent is gone."""
+
+    @property
+    def pod_files(self) -> Mapping[str, str]:
+        """containerd's per-pod files (resolv.conf, hosts) -> the guest's shared copy."""
 
 
 Publish = Callable[[Event], None]  # queues an event for containerd, in order
@@ -149,6 +156,7 @@ class _Task:
         if proc.io is not None:
             # However slow the reader, the output goes out before the exit is reported:
             # dropping it would make a log end early while the exit says "done".
+            proc.io.process_exited()
             while not await proc.io.drain(DRAIN_NOTICE_S):
                 log.warning(
                     "event=stdio_drain_waiting process=%r after_s=%d: the reader is slow",
@@ -299,7 +307,7 @@ class AppContainer(_Task):
             spec_mounts = spec_mod.mounts_of(spec)
         except spec_mod.SpecError as err:
             raise spec_error(task.id, err) from err
-        copies = MountCopies(task.id, spec_mounts)
+        copies = MountCopies(task.id, spec_mounts, ctx.pod_files)
         # Mounts first: one that cannot be honoured is refused before any disk exists.
         await copies.plan()
         self = cls(task, kind, ctx, publish, rootfs=rootfs, copies=copies)
@@ -355,7 +363,7 @@ class AppContainer(_Task):
                 raise Unavailable(f"container {container_id}: the VM is gone")
             return found
 
-        async def read(stream: str) -> tuple[bytes, bool]:
+        async def read(stream: str, timeout: float | None) -> tuple[bytes, bool]:
             while True:
                 try:
                     client = await agent()
@@ -363,17 +371,17 @@ class AppContainer(_Task):
                     return b"", True
                 read_call = client.read_stdout if stream == "stdout" else client.read_stderr
                 try:
-                    out = await read_call(container_id, exec_id, timeout=POLL_S)
+                    out = await read_call(container_id, exec_id, timeout=timeout or OUTPUT_POLL_S)
                 except Unavailable:
                     await asyncio.sleep(0.05)  # dropped: let the session notice, then ask
                     continue
                 return out.data, out.eof
 
-        async def read_stdout() -> tuple[bytes, bool]:
-            return await read("stdout")
+        async def read_stdout(timeout: float | None) -> tuple[bytes, bool]:
+            return await read("stdout", timeout)
 
-        async def read_stderr() -> tuple[bytes, bool]:
-            return await read("stderr")
+        async def read_stderr(timeout: float | None) -> tuple[bytes, bool]:
+            return await read("stderr", timeout)
 
         async def write_stdin(data: bytes) -> int:
             return await (await agent()).write_stdin(container_id, exec_id, data)

@@ -8,6 +8,9 @@ not exist in the guest. Every mount in the spec is classified:
 - A bind mount on /dev/shm (CRI binds the sandbox's shm directory there) is
   pointed at the guest's own /dev/shm: a tmpfs shared by every container in the
   VM, which is the pod, as the sandbox's shm is shared on the host.
+- A bind mount of one of containerd's per-pod files that the pod network put
+  in the guest (its resolv.conf and hosts, see shim/network.py) is pointed at
+  that one guest file, shared by the pod's containers as on the host.
 - A bind mount of a regular host file (/etc/hosts, /etc/resolv.conf,
   /etc/hostname, /dev/termination-log) is copied into the guest with the agent's
   CopyFile, at `<guest_root>/<container id>/<n>` (n = the mount's index in the
@@ -150,6 +153,7 @@ def plan_mounts(
     spec_mounts: Sequence[Mapping[str, Any]],
     hosts: Mapping[str, HostTree],
     *,
+    pod_files: Mapping[str, str] | None = None,
     max_file_bytes: int = MAX_FILE_BYTES,
     max_dir_files: int = MAX_DIR_FILES,
     max_dir_entries: int = MAX_DIR_ENTRIES,
@@ -181,6 +185,9 @@ def plan_mounts(
             continue
         if destination == SHM:
             mounts.append({**mount, "source": SHM})
+            continue
+        if pod_files and source in pod_files:
+            mounts.append({**mount, "source": pod_files[source]})
             continue
         if not posixpath.isabs(source):
             raise InvalidArgument(f"{where}: a bind mount's source must be an absolute host path")
@@ -371,9 +378,13 @@ def _printable(rel: str) -> str:
 
 
 def scan_mounts(
-    spec_mounts: Sequence[Mapping[str, Any]], *, limit: int = SCAN_LIMIT
+    spec_mounts: Sequence[Mapping[str, Any]],
+    *,
+    limit: int = SCAN_LIMIT,
+    skip: frozenset[str] = frozenset(),
 ) -> dict[str, HostTree]:
-    """Stat (and for directories walk, up to `limit` entries) every bind source that needs it."""
+    """Stat (and for directories walk, up to `limit` entries) every bind source that needs
+    it; sources in `skip` (the pod's files, already in the guest) are not read."""
     trees: dict[str, HostTree] = {}
     for mount in spec_mounts:
         source = mount.get("source")
@@ -382,6 +393,7 @@ def scan_mounts(
             and isinstance(source, str)
             and posixpath.isabs(source)
             and source not in trees
+            and source not in skip
         ):
             trees[source] = scan_source(source, limit=limit)
     return trees

@@ -123,6 +123,11 @@ class Pod:
             pod_options = spec_mod.PodOptions(cgroups_path=spec_mod.cgroups_path_of(spec))
             if identity.kind is spec_mod.TaskKind.SANDBOX:
                 pod_options = spec_mod.pod_options(spec)
+            elif identity.kind is spec_mod.TaskKind.STANDALONE:
+                # A pod of one gets its VM's network from its own spec, as a sandbox would.
+                pod_options = spec_mod.PodOptions(
+                    cgroups_path=spec_mod.cgroups_path_of(spec), netns=spec_mod.netns_of(spec)
+                )
         except spec_mod.SpecError as err:
             raise spec_error(task.id, err) from err
         if identity.pod_id != self.id:

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,14 @@ from shim.config import Config
 from shim.devices import DeviceManager
 from shim.errors import ShimError, Unavailable
 from shim.hostmount import unmount_under
+from shim.network import PodNetwork
+from shim.portforward import RELAY_PORT, PortForward
 from shim.resource import step
 from shim.session import AgentSession
 from shim.spec import PodOptions
 from shim.state import PodState, ProcRef, ResourceRecord, StateStore, pod_key
-from shim.vmm.base import Vmm, VmSpec
+from shim.vmm.base import HostDir, Vmm, VmSpec
+from shim.vsock import connect_hybrid_vsock
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ class Sandbox:
         self._devices: DeviceManager | None = None
         self._session: AgentSession | None = None
         self._cgroup: PodCgroup | None = None
+        self._network: PodNetwork | None = None
+        self._portfwd: PortForward | None = None
         self._vm_exit: int | None = None
         self._stopping = False  # the VM is being stopped on purpose
         self._stop_task: asyncio.Task[None] | None = None
@@ -151,6 +156,11 @@ class Sandbox:
     def live_devices(self) -> DeviceManager | None:
         return self._devices if self.running else None
 
+    @property
+    def pod_files(self) -> Mapping[str, str]:
+        """containerd's per-pod files (resolv.conf, hosts) -> the guest's copy of each."""
+        return dict(self._network.pod_files) if self._network is not None else {}
+
     def require_agent(self) -> AgentClient:
         agent = self.live_agent()
         if agent is None:
@@ -187,6 +197,10 @@ class Sandbox:
             vcpus=size.vcpus,
             max_vcpus=size.max_vcpus,
             memory_mib=size.memory_mib,
+            host_dirs=(
+                HostDir(self.work_dir, writable=True),
+                HostDir(self.config.cache_dir, writable=False),
+            ),
         )
         await self.save(vm_dir=str(vm_dir))
         # No VM means no disk in use: anything in the work dir is a dead pod's garbage.
@@ -234,7 +248,19 @@ class Sandbox:
         )
         self._session = session
         agent = await step("agent connect", session.open(deadline))
-        return await step("guest setup", self._setup_guest(agent, hostname, pod))
+        kernel = await step("guest setup", self._setup_guest(agent, hostname, pod))
+        if pod.netns:
+            # After SetupPod, which writes the guest's default hosts file.
+            self._network = PodNetwork(pod.netns, hostname, resolv_conf=pod.resolv_conf)
+            await step("network", self._network.attach(self))
+
+            async def dial_relay() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                until = asyncio.get_running_loop().time() + GUEST_CALL_TIMEOUT_S
+                return await connect_hybrid_vsock(vmm.agent_socket, RELAY_PORT, deadline=until)
+
+            self._portfwd = PortForward(pod.netns, dial_relay)
+            await step("port forward", self._portfwd.attach(self))
+        return kernel
 
     async def _record_process(self, role: str, pid: int, start_time: int) -> None:
         """Persist each VMM process as it is spawned: a crash right after leaves no orphan."""
@@ -290,6 +316,12 @@ class Sandbox:
         self._vmm = None
         self._devices = None
         await self.save(vmm=None, helpers=())
+        portfwd, self._portfwd = self._portfwd, None
+        if portfwd is not None:
+            await portfwd.detach(self)
+        network, self._network = self._network, None
+        if network is not None:
+            await network.detach(self)  # the VM is gone: the host side only
         cgroup, self._cgroup = self._cgroup, None
         if cgroup is not None:
             await cgroup.detach(self)

@@ -124,6 +124,42 @@ class PodOptions:
     node_pid: bool = False  # CRI NamespaceMode NODE: the pod uses the VM's PID namespace
     node_ipc: bool = False  # ... and the VM's IPC namespace
     cgroups_path: str = ""  # linux.cgroupsPath: the VM's processes are charged there
+    netns: str = ""  # the pod's network namespace (CNI's interfaces are there); "" for none
+    resolv_conf: str = ""  # containerd's resolv.conf for the pod, bind-mounted in the spec
+
+
+HOST_NETWORK = (
+    "the pod asks for the host's network (its spec has no network namespace: "
+    "hostNetwork), which a VM cannot share: the guest has its own kernel and network "
+    "stack. Run it without hostNetwork, or with a runtime that is not a VM"
+)
+
+
+def netns_of(spec: Mapping[str, Any]) -> str:
+    """The network namespace path of a VM's spec: "" for a new, empty one (`ctr run`
+    without CNI); SpecError for the host's network, which a VM cannot join."""
+    linux = spec.get("linux") or {}
+    if not isinstance(linux, dict):
+        raise SpecError("OCI spec: linux is not an object")
+    namespaces = linux.get("namespaces") or []
+    if not isinstance(namespaces, list) or not all(isinstance(n, dict) for n in namespaces):
+        raise SpecError("OCI spec: linux.namespaces is not a list of objects")
+    for entry in namespaces:
+        if entry.get("type") == "network":
+            path = entry.get("path") or ""
+            if not isinstance(path, str):
+                raise SpecError("OCI spec: the network namespace's path is not a string")
+            return path
+    raise SpecError(HOST_NETWORK)
+
+
+def resolv_conf_of(spec: Mapping[str, Any]) -> str:
+    """The host file containerd bind-mounts on /etc/resolv.conf, "" if none."""
+    for mount in mounts_of(spec):
+        source = mount.get("source")
+        if mount.get("destination") == "/etc/resolv.conf" and isinstance(source, str):
+            return source
+    return ""
 
 
 def pod_options(spec: Mapping[str, Any]) -> PodOptions:
@@ -147,6 +183,8 @@ def pod_options(spec: Mapping[str, Any]) -> PodOptions:
         node_pid="pid" not in types,
         node_ipc="ipc" not in types,
         cgroups_path=cgroups_path_of(spec),
+        netns=netns_of(spec),
+        resolv_conf=resolv_conf_of(spec),
     )
 
 

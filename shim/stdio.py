@@ -23,6 +23,7 @@ import fcntl
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,10 @@ LOGGER_STOP_TIMEOUT_S = 12.0
 LOGGER_READY_TIMEOUT_S = 10.0
 # How long a terminal's first input waits for its window size (see ProcessIO.window_sized).
 TTY_SIZE_WAIT_S = 0.25
+# After an exit: how long one read waits for more output, and how long in all the
+# guest may keep producing (a child still holding the pipe).
+DRAIN_POLL_S = 0.25
+DRAIN_AFTER_EXIT_S = 5.0
 
 
 # -- parsing (pure) ---------------------------------------------------------------------
@@ -251,7 +256,8 @@ def open_stdin_fifo(path: str) -> int:
 
 # -- the process' IO -------------------------------------------------------------------
 
-ReadOutput = Callable[[], Awaitable[tuple[bytes, bool]]]  # one long poll: (data, eof)
+# One long poll: (data, eof). The argument caps the wait (None: the guest's default).
+ReadOutput = Callable[[float | None], Awaitable[tuple[bytes, bool]]]
 WriteStdin = Callable[[bytes], Awaitable[int]]  # returns bytes accepted
 CloseStdin = Callable[[], Awaitable[None]]
 
@@ -286,6 +292,7 @@ class ProcessIO:
         self._guest: Guest | None = None
         self._stdin_closed = False
         self._sized = asyncio.Event()
+        self._exited = asyncio.Event()
 
     @property
     def has_stdin(self) -> bool:
@@ -388,9 +395,12 @@ class ProcessIO:
 
     async def _pump_out(self, read: ReadOutput, sink: FdWriter | None, stream: str) -> None:
         sink_ok = sink is not None
+        after_exit_s = 0.0  # time spent reading the guest after the process exited
         while True:
+            draining = self._exited.is_set()
+            started = time.monotonic()
             try:
-                data, eof = await read()
+                data, eof = await read(DRAIN_POLL_S if draining else None)
             except asyncio.CancelledError:
                 raise
             except Exception as err:
@@ -412,6 +422,25 @@ class ProcessIO:
                     sink_ok = False
             if eof:
                 return
+            if draining:
+                # The process is gone. Its output is what the guest still holds; once a
+                # read finds nothing pending, that was all. A process that outlived it
+                # (a child holding the pipe) may write on: it gets DRAIN_AFTER_EXIT_S of
+                # reading, however long the host's reader makes the writes take.
+                after_exit_s += time.monotonic() - started
+                if not data:
+                    return
+                if after_exit_s > DRAIN_AFTER_EXIT_S:
+                    log.warning(
+                        "event=stdio_drain_cut container=%s stream=%s: another process "
+                        "still writes to the exited process' %s", self._container_id, stream,
+                        stream,
+                    )
+                    return
+
+    def process_exited(self) -> None:
+        """The process is gone: the pumps now stop once the guest has nothing pending."""
+        self._exited.set()
 
     def window_sized(self) -> None:
         """The terminal got its size (ResizePty reached the guest)."""

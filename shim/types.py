@@ -8,6 +8,7 @@ imports nothing of the shim.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass
 
 
@@ -110,3 +111,18 @@ class ContainerStats:
     pids_current: int
     pids_limit: int
     memory_swap_usage: int
+
+
+IpInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface  # an address with its prefix
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route for the guest (the agent's UpdateRoutes)."""
+
+    destination: str  # CIDR; "" or "default" for the default route
+    gateway: str = ""
+    device: str = ""
+    metric: int = 0
+    scope: int = 0  # rtnetlink scope: 0 universe, 253 link, 254 host
+    source: str = ""  # preferred source address

@@ -27,9 +27,15 @@ log = logging.getLogger(__name__)
 class MountCopies:
     """The copied CRI mounts of one container, and the spec mounts rewritten to them."""
 
-    def __init__(self, container_id: str, spec_mounts: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        container_id: str,
+        spec_mounts: Sequence[Mapping[str, Any]],
+        pod_files: Mapping[str, str] | None = None,
+    ) -> None:
         self.container_id = container_id
         self._spec_mounts = tuple(spec_mounts)
+        self._pod_files = dict(pod_files or {})
         self._plan: cri_mounts.MountPlan | None = None
 
     async def plan(self) -> None:
@@ -65,8 +71,12 @@ class MountCopies:
         return len(changed)
 
     async def _scan(self) -> cri_mounts.MountPlan:
-        trees = await asyncio.to_thread(cri_mounts.scan_mounts, self._spec_mounts)
-        return cri_mounts.plan_mounts(self.container_id, self._spec_mounts, trees)
+        trees = await asyncio.to_thread(
+            cri_mounts.scan_mounts, self._spec_mounts, skip=frozenset(self._pod_files)
+        )
+        return cri_mounts.plan_mounts(
+            self.container_id, self._spec_mounts, trees, pod_files=self._pod_files
+        )
 
     def _require_plan(self) -> cri_mounts.MountPlan:
         if self._plan is None:

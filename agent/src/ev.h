@@ -19,6 +19,9 @@ enum tag_kind {
 	TAG_STDERR,
 	TAG_STDIN,
 	TAG_DEBUG_LISTEN,
+	TAG_RELAY_LISTEN,
+	TAG_RELAY_VSOCK,
+	TAG_RELAY_TCP,
 };
 
 static inline uint64_t tag_make(enum tag_kind k, uint32_t idx, uint32_t gen)

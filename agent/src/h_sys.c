@@ -1,4 +1,5 @@
-/* Guest-wide RPCs: health, identity, time, hostname/DNS, file copy, shutdown. */
+/* Guest-wide RPCs: health, identity, time, hostname/DNS, file copy, shutdown.
+ * The network's are in h_net.c. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -274,20 +275,4 @@ int h_shutdown(struct call *c, const void *req, void *resp, struct err *e)
 	(void)e;
 	request_shutdown(c->conn, c->conn_gen);
 	return R_DONE;
-}
-
-int h_update_interface(struct call *c, const void *req, void *resp, struct err *e)
-{
-	(void)c;
-	(void)req;
-	(void)resp;
-	return err_set(e, C_UNIMPLEMENTED, "method UpdateInterface");
-}
-
-int h_update_routes(struct call *c, const void *req, void *resp, struct err *e)
-{
-	(void)c;
-	(void)req;
-	(void)resp;
-	return err_set(e, C_UNIMPLEMENTED, "method UpdateRoutes");
 }

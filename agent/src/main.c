@@ -19,6 +19,7 @@
 #include "podns.h"
 #include "proc.h"
 #include "redeliver.h"
+#include "relay.h"
 #include "rpc.h"
 #include "ttrpc.h"
 
@@ -109,6 +110,9 @@ int main(int argc, char **argv)
 		if (!listening && now >= next_bind) {
 			if (ttrpc_listen_vsock(AGENT_PORT, &e) >= 0) {
 				listening = true;
+				/* Port-forward: without it the pod runs, only forwards fail. */
+				if (relay_listen(&e) < 0)
+					alog("%s", e.msg);
 				struct timespec up;
 				clock_gettime(CLOCK_BOOTTIME, &up);
 				/* shim/vmm/qemu.py waits for this line before dialling vsock. */
@@ -124,6 +128,9 @@ int main(int argc, char **argv)
 		uint64_t resend = redeliver_poll();
 		if (resend && (!wake || resend < wake))
 			wake = resend;
+		uint64_t relay_due = relay_housekeeping();
+		if (relay_due && (!wake || relay_due < wake))
+			wake = relay_due;
 		uint16_t conn;
 		uint32_t conn_gen;
 		if (shutdown_requested(&conn, &conn_gen)) {
@@ -164,6 +171,11 @@ int main(int argc, char **argv)
 			case TAG_STDERR:
 			case TAG_STDIN:
 				proc_on_event(tag_kind(t), tag_idx(t), tag_gen(t), evs[i].events);
+				break;
+			case TAG_RELAY_LISTEN:
+			case TAG_RELAY_VSOCK:
+			case TAG_RELAY_TCP:
+				relay_on_event(tag_kind(t), tag_idx(t), tag_gen(t), evs[i].events);
 				break;
 			}
 		}

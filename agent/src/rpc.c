@@ -35,7 +35,7 @@ static const struct method methods[] = {
 	MQ(ReadStdout, ReadOutputRequest, ReadOutputResponse, h_read_stdout, true, Q_OK | Q_DEADLINE),
 	MQ(ReadStderr, ReadOutputRequest, ReadOutputResponse, h_read_stderr, true, Q_OK | Q_DEADLINE),
 	M(ResizeTty, ResizeTtyRequest, Empty, h_resize_tty, false),
-	M(UpdateInterface, UpdateInterfaceRequest, Empty, h_update_interface, false),
+	M(UpdateInterface, UpdateInterfaceRequest, Empty, h_update_interface, true),
 	M(UpdateRoutes, UpdateRoutesRequest, Empty, h_update_routes, false),
 	M(SetupPod, SetupPodRequest, Empty, h_setup_pod, false),
 	M(CopyFile, CopyFileRequest, Empty, h_copy_file, false),

@@ -9,6 +9,7 @@
 
 #include "agent.h"
 #include "err.h"
+#include "netlink.h"
 
 #define PB(x) cloudhv_agent_v1_##x
 
@@ -53,6 +54,15 @@ struct call {
 			unsigned long flags;
 			uint64_t until_ns;
 		} disk;
+		struct {
+			uint8_t mac[6];
+			char mac_text[18];
+			char name[16];
+			uint32_t mtu;
+			int naddrs;
+			struct nl_addr addrs[16];
+			uint64_t until_ns;
+		} net;
 	} u;
 };
 

@@ -14,6 +14,7 @@
 #include "log.h"
 #include "pb_decode.h"
 #include "pb_encode.h"
+#include "peer.h"
 #include "ttrpc.pb.h"
 
 #define HDR 10
@@ -113,32 +114,6 @@ static void conn_set_events(uint16_t i)
 	c->events = ev;
 }
 
-/* Only the host may drive the agent: a vsock peer in the guest (a container
- * connecting to CID 1 or to the guest's own CID) is closed at once. Logged at
- * most once a second, with a count, so a flood cannot fill the console. */
-static bool peer_allowed(int fd, const struct sockaddr_storage *sa, socklen_t len)
-{
-	static uint64_t last_log;
-	static unsigned refused;
-	if (sa->ss_family != AF_VSOCK)
-		return true; /* the --unix debugging socket */
-	const struct sockaddr_vm *vm = (const struct sockaddr_vm *)sa;
-	if (len >= sizeof *vm && vm->svm_cid == VMADDR_CID_HOST)
-		return true;
-	refused++;
-	uint64_t now = now_ns();
-	if (!last_log || now - last_log >= 1000000000ull) {
-		alog("accept: refused a vsock connection from CID %u port %u (only the host, CID %u, may "
-		     "connect; %u refused since the last report)",
-		     len >= sizeof *vm ? vm->svm_cid : 0, len >= sizeof *vm ? vm->svm_port : 0, VMADDR_CID_HOST,
-		     refused);
-		last_log = now;
-		refused = 0;
-	}
-	close(fd);
-	return false;
-}
-
 void ttrpc_on_listen(int lfd)
 {
 	for (;;) {
@@ -151,7 +126,7 @@ void ttrpc_on_listen(int lfd)
 				alog("accept: %s", strerror(errno));
 			return;
 		}
-		if (!peer_allowed(fd, &sa, len))
+		if (!vsock_peer_allowed(fd, &sa, len, "ttrpc"))
 			continue;
 		int i;
 		for (i = 0; i < MAX_CONNS && conns[i].used; i++)

@@ -9,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,10 @@ from tests.integration import guest_artifacts
 REPO = Path(__file__).resolve().parents[2]
 SHIM_BIN_DIR = REPO / "build" / "bin"
 RUNTIME = "io.containerd.cloudhv.v1"
+CH_STANDIN = REPO / "tests" / "chsim" / "cloud-hypervisor"
+# The VMM backends the containerd suites run through: QEMU, and Cloud Hypervisor as
+# the spec-checking stand-in (tests/chsim) plays it.
+VMMS = ("qemu", "cloud-hypervisor")
 
 CONFIG_TOML = """\
 version = 2
@@ -39,6 +43,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{root}/cni/net.d"
+    max_conf_num = {max_conf_num}
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -69,20 +74,66 @@ CNI_CONFLIST = {
                 "routes": [{"dst": "0.0.0.0/0"}],
             },
         },
+        # hostPort mappings, as on a node (iptables DNAT in containerd's namespace).
+        {"type": "portmap", "capabilities": {"portMappings": True}},
         {"type": "loopback"},
     ],
 }
 
+# Dual stack: host-local gives each pod an IPv4 and an IPv6 address on one bridge.
+CNI_DUAL_STACK = {
+    "cniVersion": "1.0.0",
+    "name": "cloudhv-test-dual",
+    "plugins": [
+        {
+            "type": "bridge",
+            "bridge": "cloudhv-br0",
+            "isGateway": True,
+            "ipMasq": False,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": "10.89.0.0/16"}], [{"subnet": "fd89::/64"}]],
+                "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+            },
+        },
+        {"type": "loopback"},
+    ],
+}
 
-def shim_config(state_dir: Path, **overrides: object) -> dict[str, object]:
+# A second network: with max_conf_num = 2 containerd adds it as the pod's eth1. No
+# default route (eth0 has it), one route of its own through its gateway.
+CNI_SECOND = {
+    "cniVersion": "1.0.0",
+    "name": "cloudhv-test-second",
+    "plugins": [
+        {
+            "type": "bridge",
+            "bridge": "cloudhv-br1",
+            "isGateway": True,
+            "ipMasq": False,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": "10.90.0.0/16"}]],
+                "routes": [{"dst": "10.91.0.0/16"}],
+            },
+        },
+    ],
+}
+
+
+def shim_config(state_dir: Path, vmm: str = "qemu", **overrides: object) -> dict[str, object]:
     config: dict[str, object] = {
-        "vmm": "qemu",
+        "vmm": vmm,
         "qemu": {"accel": os.environ.get("CLOUDHV_ACCEL", "tcg"), "hotplug_slots": 8},
+        "cloud_hypervisor": {"binary": str(CH_STANDIN), "hotplug_slots": 8},
         "kernel_path": str(guest_artifacts.kernel()),
         "rootfs_path": str(guest_artifacts.rootfs()),
-        "kernel_args": "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 quiet",
+        "kernel_args": "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 no_timer_check quiet",
         "default_vcpus": 1,
         "default_memory_mib": 256,
+        # Test runs share two cores with other suites: a boot may take many times
+        # its idle 2 s.
+        "agent_startup_timeout_s": 90,
         "state_dir": str(state_dir),
         "disk_dir": str(state_dir.parent / "disks"),
         "cache_dir": str(state_dir.parent / "cache"),
@@ -137,19 +188,34 @@ def ensure_shim_wrapper() -> Path:
 
 
 @contextlib.contextmanager
-def running_containerd(root: Path, shim_config_path: Path) -> Iterator[Containerd]:
-    """Start containerd with a private root/state/sockets; stop it and unmount its state."""
+def running_containerd(
+    root: Path, shim_config_path: Path, cni: Sequence[dict[str, object]] = (CNI_CONFLIST,)
+) -> Iterator[Containerd]:
+    """Start containerd with a private root/state/sockets; stop it and unmount its state.
+
+    `cni` are the conflists of the test-only CNI conf dir, in order: each one is a
+    network of every pod (eth0, eth1, ...)."""
     shim = ensure_shim_wrapper()
     (root / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
-    (root / "cni" / "net.d" / "10-cloudhv-test.conflist").write_text(json.dumps(CNI_CONFLIST))
+    for index, conflist in enumerate(cni):
+        (root / "cni" / "net.d" / f"{10 + index}-cloudhv-test.conflist").write_text(
+            json.dumps(conflist)
+        )
     # containerd (and so CNI's bridge and every pod) lives in a namespace this test made:
     # nothing touches the host's own network.
-    netns = f"cloudhv-test-{os.getpid()}-{root.name[-8:]}"
+    # Named after the scratch dir too: one test process may run several containerds.
+    netns = f"cloudhv-test-{os.getpid()}-{root.parent.name[-8:]}-{root.name[-8:]}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
     config = root / "config.toml"
     config.write_text(
-        CONFIG_TOML.format(root=root, runtime=RUNTIME, shim=shim, shim_config=shim_config_path)
+        CONFIG_TOML.format(
+            root=root,
+            runtime=RUNTIME,
+            shim=shim,
+            shim_config=shim_config_path,
+            max_conf_num=len(cni),
+        )
     )
     containerd = Containerd(root=root, process=_start(root, config, netns, shim_config_path),
                             netns=netns)
@@ -207,8 +273,10 @@ def _unmount_under(root: Path) -> None:
         subprocess.run(["umount", "-l", target], check=False)
 
 
-def write_shim_config(path: Path, state_dir: Path, **overrides: object) -> Path:
-    path.write_text(json.dumps(shim_config(state_dir, **overrides), indent=2))
+def write_shim_config(
+    path: Path, state_dir: Path, vmm: str = "qemu", **overrides: object
+) -> Path:
+    path.write_text(json.dumps(shim_config(state_dir, vmm, **overrides), indent=2))
     return path
 
 
@@ -224,7 +292,8 @@ def leftovers(state_dir: Path, root: Path) -> list[str]:
             continue
         with contextlib.suppress(OSError):
             cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if str(state_dir) in cmdline and ("qemu" in cmdline or "vhost-device-vsock" in cmdline):
+            vm_program = ("qemu", "vhost-device-vsock", "chsim", "cloud-hypervisor")
+            if str(state_dir) in cmdline and any(name in cmdline for name in vm_program):
                 found.append(f"process {pid_dir.name}: {cmdline[:120]}")
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         target = line.split()[4]

@@ -6,16 +6,16 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.integration.busybox_tree import make_busybox_tree
 from tests.integration.containerd_env import (
+    CNI_CONFLIST,
     Containerd,
     cleanup_dir,
     import_image,
@@ -36,6 +36,11 @@ class Env:
     state_dir: Path  # the shim's state_dir (config)
     scratch: Path
     sockets_before: frozenset[Path] = frozenset()
+    vmm: str = "qemu"  # the config's VMM backend
+
+    @property
+    def config_path(self) -> Path:
+        return self.scratch / "shim.json"
 
     def leftovers(self) -> list[str]:
         found = leftovers(self.state_dir, self.containerd.root)
@@ -45,8 +50,10 @@ class Env:
                 found.append(f"mount {target}")
         for pid, cmdline in shim_processes(self.containerd):
             found.append(f"shim {pid}: {cmdline[:100]}")
-        ours = shim_sockets() & announced_sockets(self.containerd)
-        found += [f"shim socket {p}" for p in stale_sockets(ours - self.sockets_before)]
+        ours = _sockets_of(self.containerd)
+        found += [
+            f"shim socket {p}" for p in shim_sockets() - self.sockets_before if p.name in ours
+        ]
         return found
 
     def restart_containerd(self, down_s: float = 4.0) -> None:
@@ -70,31 +77,11 @@ def shim_sockets() -> frozenset[Path]:
     return frozenset(SHIM_SOCKET_DIR.iterdir())
 
 
-def announced_sockets(containerd: Containerd) -> frozenset[Path]:
-    """The sockets our shim daemons said they serve (their log reaches containerd's):
-    other test runs on this host have shims of their own in the same directory."""
-    text = (containerd.root / "containerd.log").read_text(errors="replace")
-    return frozenset(
-        Path(match) for match in re.findall(r"event=daemon_start .*?socket=(\S+)", text)
-    )
-
-
-def stale_sockets(sockets: frozenset[Path]) -> list[Path]:
-    """Sockets nobody listens on: a live one is another containerd's shim (other test
-    runs may share this host), and ours are caught by `shim_processes` while alive."""
-    stale = []
-    for path in sorted(sockets):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(str(path))
-        except FileNotFoundError:
-            continue  # removed meanwhile
-        except OSError:
-            stale.append(path)
-        finally:
-            probe.close()
-    return stale
+def _sockets_of(containerd: Containerd) -> set[str]:
+    """Names of the shim sockets this containerd's shims used, from its debug log (the
+    shims log their socket): /run/containerd/s is shared with other test runs."""
+    log = (containerd.root / "containerd.log").read_text(errors="replace")
+    return set(re.findall(r"/run/containerd/s/([0-9a-f]{64})", log))
 
 
 def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
@@ -111,15 +98,22 @@ def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
 
 
 @contextlib.contextmanager
-def containerd_env(**config_overrides: object) -> Iterator[Env]:
+def containerd_env(
+    vmm: str = "qemu",
+    cni: Sequence[dict[str, object]] = (CNI_CONFLIST,),
+    **config_overrides: object,
+) -> Iterator[Env]:
+    """A private containerd with our runtime, the shim configured for `vmm` ("qemu", or
+    "cloud-hypervisor": the stand-in in tests/chsim as the binary), and `cni`'s
+    conflists in its CNI conf dir."""
     scratch = Path(tempfile.mkdtemp(prefix="chv-", dir="/run"))
     try:
         state_dir = scratch / "state"
-        config = write_shim_config(scratch / "shim.json", state_dir, **config_overrides)
+        config = write_shim_config(scratch / "shim.json", state_dir, vmm, **config_overrides)
         tree = make_busybox_tree(scratch / "tree")
         busybox = build_image([tree], BUSYBOX, ["sh"], scratch / "busybox.tar")
         pause = build_image([tree], PAUSE, ["sleep", "2147483647"], scratch / "pause.tar")
-        with running_containerd(scratch / "ctrd", config) as containerd:
+        with running_containerd(scratch / "ctrd", config, cni) as containerd:
             for namespace in ("default", "k8s.io"):
                 import_image(containerd, busybox, namespace)
                 import_image(containerd, pause, namespace)
@@ -128,6 +122,7 @@ def containerd_env(**config_overrides: object) -> Iterator[Env]:
                 state_dir=state_dir,
                 scratch=scratch,
                 sockets_before=shim_sockets(),
+                vmm=vmm,
             )
             try:
                 yield env

@@ -126,6 +126,8 @@ class FakeAgent:
         self.started: set[str] = set()
         self.exits: dict[tuple[str, str], asyncio.Future[ExitStatus]] = {}
         self.stdout: dict[tuple[str, str], list[bytes]] = {}  # what the process printed
+        # Streams a surviving child still holds open: no EOF after the exit.
+        self.held_open: set[tuple[str, str]] = set()
         self.hostname = ""
 
     def reconnect(self) -> FakeAgent:
@@ -134,6 +136,7 @@ class FakeAgent:
         other.mounts, other.files, other.containers = self.mounts, self.files, self.containers
         other.roots = self.roots
         other.started, other.exits, other.stdout = self.started, self.exits, self.stdout
+        other.held_open = self.held_open
         return other
 
     @property
@@ -248,10 +251,15 @@ class FakeAgent:
         if not future.done():
             future.set_result(ExitStatus(128 + signal, 1))
 
-    async def read_stdout(self, container_id: str, exec_id: str, **_: Any) -> Output:
+    async def read_stdout(
+        self, container_id: str, exec_id: str, *, timeout: float = 30, **_: Any
+    ) -> Output:
         chunks = self.stdout.get((container_id, exec_id))
         if chunks:
             return Output(chunks.pop(0), eof=False)
+        if (container_id, exec_id) in self.held_open:
+            await asyncio.sleep(timeout)  # a long poll with nothing to say
+            return Output(b"", eof=False)
         return Output(b"", eof=True)
 
     async def read_stderr(self, container_id: str, exec_id: str, **_: Any) -> Output:

@@ -93,6 +93,8 @@ class Harness:
     def bundle(self, task_id: str, annotations: dict[str, str], **spec: Any) -> str:
         path = self.tmp / "bundles" / task_id
         path.mkdir(parents=True, exist_ok=True)
+        # A network namespace without a path: a new, empty one (no NIC to plug).
+        spec.setdefault("linux", {"namespaces": [{"type": "network"}]})
         (path / "config.json").write_text(json.dumps({"annotations": annotations, **spec}))
         return str(path)
 
@@ -543,3 +545,28 @@ async def test_exit_waits_for_a_slow_reader_and_no_output_is_lost(harness: Harne
     assert (await waiter).status == 0
     os.close(reader)
     assert bytes(got) == payload
+
+
+async def test_exit_is_reported_when_a_child_keeps_the_pipe_open(harness: Harness) -> None:
+    """The process exits, a child it left behind holds stdout open (so no EOF ever
+    comes): its output is still delivered, and the exit reported within seconds."""
+    await harness.create_sandbox()
+    fifo = harness.tmp / "stdout"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    bundle = harness.bundle("c1", {spec_mod.CONTAINER_TYPE: "container", spec_mod.SANDBOX_ID: POD})
+    await harness.pod.create(
+        CreateTask("c1", bundle, harness.rootfs("c1"), StdioSpec(stdout=str(fifo)))
+    )
+    assert harness.agent is not None
+    harness.agent.stdout[("c1", "")] = [b"last words\n"]
+    harness.agent.held_open.add(("c1", ""))
+    await harness.pod.start("c1", "")
+    await asyncio.sleep(0.2)
+    harness.agent.finish("c1", 0)
+    started = asyncio.get_running_loop().time()
+    exit_ = await asyncio.wait_for(harness.pod.wait("c1", ""), 15)
+    assert exit_.status == 0
+    assert asyncio.get_running_loop().time() - started < 10
+    assert os.read(reader, 100) == b"last words\n"
+    os.close(reader)

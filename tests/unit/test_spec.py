@@ -73,15 +73,33 @@ def test_pod_options() -> None:
     pod = {
         "linux": {
             "sysctl": {"kernel.shm_rmid_forced": "1"},
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}],
-        }
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "network"}],
+        },
+        "mounts": [
+            {"destination": "/dev/shm", "type": "bind", "source": "/s/shm"},
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": "/s/resolv.conf"},
+        ],
     }
     assert spec.pod_options(pod) == spec.PodOptions(
-        sysctls={"kernel.shm_rmid_forced": "1"}, node_pid=False, node_ipc=False
+        sysctls={"kernel.shm_rmid_forced": "1"},
+        node_pid=False,
+        node_ipc=False,
+        resolv_conf="/s/resolv.conf",
     )
     host = {"linux": {"namespaces": [{"type": "uts"}, {"type": "network", "path": "/x"}]}}
-    assert spec.pod_options(host) == spec.PodOptions(node_pid=True, node_ipc=True)
+    assert spec.pod_options(host) == spec.PodOptions(node_pid=True, node_ipc=True, netns="/x")
     with pytest.raises(spec.SpecError, match="linux.sysctl"):
         spec.pod_options({"linux": {"sysctl": {"kernel.sem": 1}}})
     with pytest.raises(spec.SpecError, match="linux.namespaces"):
         spec.pod_options({"linux": {"namespaces": "pid"}})
+
+
+def test_host_network_is_refused_saying_why() -> None:
+    """No network namespace in a VM's spec is the host's network: refused by name."""
+    with pytest.raises(spec.SpecError, match="hostNetwork.*VM cannot share"):
+        spec.netns_of({"linux": {"namespaces": [{"type": "pid"}]}})
+    with pytest.raises(spec.SpecError, match="hostNetwork"):
+        spec.pod_options({"linux": {"namespaces": [{"type": "uts"}]}})
+    assert spec.netns_of({"linux": {"namespaces": [{"type": "network"}]}}) == ""
+    with pytest.raises(spec.SpecError, match="path is not a string"):
+        spec.netns_of({"linux": {"namespaces": [{"type": "network", "path": 3}]}})

@@ -88,11 +88,11 @@ class ScriptedGuest:
         self.stdin_closed = asyncio.Event()
         self.accept = 3  # bytes taken per write: forces resends
 
-    async def read_out(self) -> tuple[bytes, bool]:
+    async def read_out(self, timeout: float | None = None) -> tuple[bytes, bool]:
         await asyncio.sleep(0)
         return next(self._out)
 
-    async def read_err(self) -> tuple[bytes, bool]:
+    async def read_err(self, timeout: float | None = None) -> tuple[bytes, bool]:
         await asyncio.sleep(0)
         return next(self._err)
 
