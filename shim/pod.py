@@ -28,11 +28,10 @@ from shim.errors import (
     ResourceExhausted,
 )
 from shim.events import Publisher, TaskCreate, TaskDelete, TaskOOM
-from shim.rootfs.cache import ImageCache
-from shim.rootfs.root import ContainerRootfs, upper_spec
+from shim.rootfs.root import ContainerRootfs
 from shim.rootfs.shared import PodImages
 from shim.sandbox import AgentConnect, Sandbox, VmmFactory, connect_agent
-from shim.state import STATE_FILE, PodState, StateStore
+from shim.state import PodState, StateStore
 from shim.types import ContainerStats, CreateTask, ExecTask, Exit, ProcessStatus
 
 log = logging.getLogger(__name__)
@@ -64,13 +63,7 @@ class Pod:
             on_vm_exit=self._vm_exited,
             on_oom=self._oom,
         )
-        cache = ImageCache(
-            config.cache_dir,
-            max_bytes=config.rootfs_cache.max_mib << 20,
-            fmt=config.rootfs_cache.format,
-        )
-        pod_dir = store.pod_dir(namespace, pod_id)
-        self.images = PodImages(cache, pod_dir.name, pod_dir / STATE_FILE)
+        self.images = PodImages.from_config(config, store.pod_dir(namespace, pod_id))
         self._closed = False  # the daemon is exiting
         self._lock = asyncio.Lock()  # boot, container set, teardown
         self.containers: dict[str, Task] = {}
@@ -197,21 +190,7 @@ class Pod:
                 wait_vm=self.sandbox.wait_vm,
                 stop_vm=self.sandbox.stop,
             )
-        try:
-            spec_root = spec_mod.root_path_of(spec, Path(task.bundle))
-            upper = upper_spec(self.config.container_upper, spec_mod.annotations_of(spec))
-        except spec_mod.SpecError as err:
-            raise spec_error(task.id, err) from err
-        except InvalidArgument as err:
-            raise InvalidArgument(f"create {task.id}: {err}") from err
-        rootfs = ContainerRootfs(
-            task.id,
-            task.rootfs,
-            spec_root=spec_root,
-            images=self.images,
-            upper=upper,
-            fmt=self.config.rootfs_cache.format,
-        )
+        rootfs = ContainerRootfs.for_task(task, spec, self.config, self.images)
         return await AppContainer.create(
             task, kind, spec, self.sandbox, self._events.publish, rootfs=rootfs
         )

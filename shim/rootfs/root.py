@@ -23,8 +23,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from shim.config import ContainerUpperConfig
+from shim import spec as spec_mod
+from shim.config import Config, ContainerUpperConfig
 from shim.errors import InvalidArgument
 from shim.resource import PodServices, step
 from shim.rootfs import source as source_mod
@@ -32,7 +34,7 @@ from shim.rootfs.cache import cache_key, layer_identity
 from shim.rootfs.disk import BlockDisk, PrivateImage, UpperDisk
 from shim.rootfs.image import Format
 from shim.rootfs.shared import PodImages, SharedImage
-from shim.types import Mount
+from shim.types import CreateTask, Mount
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,22 @@ def read_source(mounts: Sequence[Mount], spec_root: str) -> source_mod.Source:
 
 class ContainerRootfs:
     """Everything a container's root is made of, attached in order and undone in reverse."""
+
+    @classmethod
+    def for_task(
+        cls, task: CreateTask, spec: Mapping[str, Any], config: Config, images: PodImages
+    ) -> ContainerRootfs:
+        """The root of `task`, as its spec and the config say; InvalidArgument naming
+        the field for a bad one, before anything exists."""
+        try:
+            spec_root = spec_mod.root_path_of(spec, Path(task.bundle))
+            upper = upper_spec(config.container_upper, spec_mod.annotations_of(spec))
+        except (spec_mod.SpecError, InvalidArgument) as err:
+            raise InvalidArgument(f"create {task.id}: {err}") from err
+        return cls(
+            task.id, task.rootfs, spec_root=spec_root, images=images, upper=upper,
+            fmt=config.rootfs_cache.format,
+        )
 
     def __init__(
         self,

@@ -16,13 +16,14 @@ import logging
 import os
 from pathlib import Path
 
+from shim.config import Config
 from shim.devices import device_id
 from shim.hostmount import unmount_under
 from shim.resource import PodServices
 from shim.rootfs import image as image_mod
 from shim.rootfs.cache import Holder, ImageCache, release_ref
 from shim.rootfs.disk import PluggedDisk
-from shim.state import ResourceRecord
+from shim.state import STATE_FILE, ResourceRecord
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,16 @@ class PodImages:
         self._state_file = state_file
         self._disks: dict[str, SharedImage] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+
+    @classmethod
+    def from_config(cls, config: Config, pod_dir: Path) -> PodImages:
+        """The image disks of the pod whose state lives in `pod_dir`."""
+        cache = ImageCache(
+            config.cache_dir,
+            max_bytes=config.rootfs_cache.max_mib << 20,
+            fmt=config.rootfs_cache.format,
+        )
+        return cls(cache, pod_dir.name, pod_dir / STATE_FILE)
 
     @property
     def disks(self) -> dict[str, SharedImage]:
