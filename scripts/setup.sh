@@ -14,7 +14,7 @@ mkdir -p "$CACHE_DIR"
 PACKAGES=(
   qemu-system-x86 containerd runc containernetworking-plugins crun
   musl-tools linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev
-  busybox-static e2fsprogs iproute2 util-linux kmod procps xz-utils ca-certificates
+  busybox-static e2fsprogs erofs-utils iproute2 util-linux kmod procps xz-utils ca-certificates
   iptables
 )
 

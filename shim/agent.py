@@ -323,6 +323,7 @@ class _ContainerCalls(_Connection):
         *,
         upper_dir: str = "",
         work_dir: str = "",
+        upper_tmpfs_mib: int = 0,
         terminal: bool = False,
         stdin: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
@@ -331,7 +332,12 @@ class _ContainerCalls(_Connection):
         req = _pb.CreateContainerRequest(
             container_id=container_id,
             oci_spec_json=oci_spec_json,
-            rootfs=_pb.Rootfs(path=rootfs_path, upper_dir=upper_dir, work_dir=work_dir),
+            rootfs=_pb.Rootfs(
+                path=rootfs_path,
+                upper_dir=upper_dir,
+                work_dir=work_dir,
+                upper_tmpfs_mib=upper_tmpfs_mib,
+            ),
             terminal=terminal,
             stdin=stdin,
         )

@@ -17,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shim import cgroups, network, portforward, sharedfs
+from shim.config import Config
 from shim.hostmount import unmount_under
-from shim.rootfs import disk
+from shim.rootfs import disk, shared
+from shim.rootfs.cache import ImageCache
 from shim.state import PodState, ResourceRecord, StateStore
 from shim.vmm.procs import kill_recorded
 
@@ -26,7 +28,10 @@ HostUndo = Callable[[ResourceRecord], list[str]]
 
 # Each resource kind's host-side undo, from its record alone.
 HOST_UNDO: dict[str, HostUndo] = {
-    disk.KIND: disk.undo_host,
+    disk.PRIVATE_KIND: disk.undo_host_files,
+    disk.UPPER_KIND: disk.undo_host_files,
+    disk.BLOCK_KIND: disk.undo_host_block,
+    shared.KIND: shared.undo_host,
     cgroups.KIND: cgroups.undo_host,
     network.KIND: network.undo_host,
     portforward.KIND: portforward.undo_host,
@@ -102,3 +107,15 @@ def collect_orphan_work_dirs(
         shutil.rmtree(entry, ignore_errors=True)
         done.append(f"removed orphan {entry}")
     return done
+
+
+def collect_cache_garbage(config: Config) -> list[str]:
+    """Cache references whose pods no longer record them, unfinished builds nobody
+    runs, then LRU eviction above the cap (shim/rootfs/cache.py). An entry some live
+    pod references is never touched."""
+    cache = ImageCache(
+        config.cache_dir,
+        max_bytes=config.rootfs_cache.max_mib << 20,
+        fmt=config.rootfs_cache.format,
+    )
+    return cache.collect_garbage()

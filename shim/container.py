@@ -2,8 +2,8 @@
 
 Two kinds of task live in a pod, with the same methods:
 
-- `AppContainer`: a container crun runs in the guest. Its root disk, copied
-  mounts and shared directory volumes are resources it owns (shim/rootfs/disk.py,
+- `AppContainer`: a container crun runs in the guest. Its root filesystem, copied
+  mounts and shared directory volumes are resources it owns (shim/rootfs/root.py,
   shim/volumes.py, shim/sharedfs.py); its init
   and exec processes each have a `ContainerProcess` (state machine + host stdio).
 - `SandboxTask`: CRI's pause container, which *is* the VM: its pid is the VMM's,
@@ -46,7 +46,7 @@ from shim.events import (
 )
 from shim.process import Process
 from shim.resource import PodServices, step
-from shim.rootfs.disk import ContainerDisk
+from shim.rootfs.root import ContainerRootfs
 from shim.sharedfs import SharedFs, SharedVolumes
 from shim.stdio import Guest, ProcessIO
 from shim.types import (
@@ -289,12 +289,12 @@ class AppContainer(_Task):
         ctx: ContainerContext,
         publish: Publish,
         *,
-        disk: ContainerDisk,
+        rootfs: ContainerRootfs,
         copies: MountCopies,
         volumes: SharedVolumes,
     ) -> None:
         super().__init__(task, kind, ctx, publish)
-        self.disk = disk
+        self.rootfs = rootfs
         self.copies = copies
         self.volumes = volumes
         # In a PID namespace it does not own (the pod's, or the VM's), a container's
@@ -311,7 +311,7 @@ class AppContainer(_Task):
         ctx: ContainerContext,
         publish: Publish,
         *,
-        disk: ContainerDisk,
+        rootfs: ContainerRootfs,
     ) -> AppContainer:
         """Everything `crun create` needs, then `crun create`. On failure nothing stays."""
         agent = ctx.require_agent()
@@ -329,12 +329,12 @@ class AppContainer(_Task):
         # Mounts first: one that cannot be honoured is refused before any disk exists.
         await copies.plan()
         volumes = SharedVolumes(task.id, copies.shares)
-        self = cls(task, kind, ctx, publish, disk=disk, copies=copies, volumes=volumes)
+        self = cls(task, kind, ctx, publish, rootfs=rootfs, copies=copies, volumes=volumes)
         self.kill_all_on_exit = not spec_mod.owns_pid_namespace(spec)
         io = ProcessIO(task.stdio, task.id, ctx.namespace)
         try:
             await step("stdio", io.open())
-            await disk.attach(ctx)
+            guest_root = await rootfs.attach(ctx)
             t0 = time.monotonic()
             await volumes.attach(ctx, shared_fs)
             t1 = time.monotonic()
@@ -346,7 +346,10 @@ class AppContainer(_Task):
                 agent.create_container(
                     task.id,
                     spec_json,
-                    disk.guest_path,
+                    guest_root.path,
+                    upper_dir=guest_root.upper_dir,
+                    work_dir=guest_root.work_dir,
+                    upper_tmpfs_mib=guest_root.upper_tmpfs_mib,
                     terminal=task.stdio.terminal,
                     stdin=bool(task.stdio.stdin),
                 ),
@@ -356,16 +359,17 @@ class AppContainer(_Task):
             await io.close()
             await self._remove_from_guest()
             await volumes.detach(ctx)
-            await disk.detach(ctx)
+            await rootfs.detach(ctx)
             if isinstance(err, ShimError):
                 raise type(err)(f"create {task.id}: {err}") from err
             raise
         self.init.io = io
         log.info(
-            "event=container_created container=%s disk=%s disk_mib=%d rootfs_ms=%d "
-            "plug_mount_ms=%d shares=%d share_ms=%d copies=%d copy_ms=%d create_ms=%d",
-            task.id, disk.id, disk.size >> 20, disk.timings_ms.get("rootfs_ms", 0),
-            disk.timings_ms.get("plug_mount_ms", 0), len(volumes.shares), (t1 - t0) * 1000,
+            "event=container_created container=%s disks=%s %s shares=%d share_ms=%d "
+            "copies=%d copy_ms=%d create_ms=%d",
+            task.id, ",".join(rootfs.disk_ids),
+            " ".join(f"{k}={v}" for k, v in rootfs.summary.items()),
+            len(volumes.shares), (t1 - t0) * 1000,
             copies.count, (t2 - t1) * 1000, (time.monotonic() - t2) * 1000,
         )
         return self
@@ -581,7 +585,7 @@ class AppContainer(_Task):
         self.execs.clear()
         await self._remove_from_guest()
         await self.volumes.detach(self._ctx)
-        await self.disk.detach(self._ctx)
+        await self.rootfs.detach(self._ctx)
 
     async def _remove_from_guest(self) -> None:
         agent = self._ctx.live_agent()

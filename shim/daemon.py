@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim import config as config_mod
-from shim.cleanup import cleanup, collect_orphan_work_dirs
+from shim.cleanup import cleanup, collect_cache_garbage, collect_orphan_work_dirs
 from shim.events import Publisher
 from shim.pod import Pod
 from shim.state import PodState, ProcRef, StateError, StateStore
@@ -207,9 +207,12 @@ async def serve(args: DaemonArgs, config: config_mod.Config) -> None:
         # A previous daemon of this pod died and nobody ran `delete` for it.
         for line in await asyncio.to_thread(cleanup, stale, store, keep_socket=True):
             log.warning("event=stale_pod_cleanup pod=%s %s", args.pod_id, line)
-    # Disk images of pods whose state is gone (a host reboot empties /run).
+    # Disk images of pods whose state is gone (a host reboot empties /run), and the
+    # cache references and unfinished builds such pods left.
     for line in await asyncio.to_thread(collect_orphan_work_dirs, store, config.disk_dir):
         log.warning("event=orphan_cleanup %s", line)
+    for line in await asyncio.to_thread(collect_cache_garbage, config):
+        log.warning("event=cache_cleanup %s", line)
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), args.namespace)
     pod = Pod(
         config,

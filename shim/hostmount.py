@@ -62,11 +62,11 @@ def mount_points_with_types() -> list[tuple[str, str]]:
             before, _, after = line.partition(" - ")
             fields = before.split(" ")
             if len(fields) > 4:
-                points.append((_unescape(fields[4]), after.split(" ", 1)[0]))
+                points.append((unescape(fields[4]), after.split(" ", 1)[0]))
     return points
 
 
-def _unescape(field: str) -> str:
+def unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo.
     out, i = [], 0
     while i < len(field):

@@ -28,7 +28,8 @@ from shim.errors import (
     ResourceExhausted,
 )
 from shim.events import Publisher, TaskCreate, TaskDelete, TaskOOM
-from shim.rootfs.disk import ContainerDisk
+from shim.rootfs.root import ContainerRootfs
+from shim.rootfs.shared import PodImages
 from shim.sandbox import AgentConnect, Sandbox, VmmFactory, connect_agent
 from shim.sharedfs import FsHost
 from shim.state import PodState, StateStore
@@ -65,6 +66,7 @@ class Pod:
             on_oom=self._oom,
             fs_host=fs_host,
         )
+        self.images = PodImages.from_config(config, store.pod_dir(namespace, pod_id))
         self._closed = False  # the daemon is exiting
         self._lock = asyncio.Lock()  # boot, container set, teardown
         self.containers: dict[str, Task] = {}
@@ -191,14 +193,9 @@ class Pod:
                 wait_vm=self.sandbox.wait_vm,
                 stop_vm=self.sandbox.stop,
             )
-        disk = ContainerDisk(
-            task.id,
-            task.rootfs,
-            self.sandbox.work_dir,
-            headroom_mib=self.config.container_disk_headroom_mib,
-        )
+        rootfs = ContainerRootfs.for_task(task, spec, self.config, self.images)
         return await AppContainer.create(
-            task, kind, spec, self.sandbox, self._events.publish, disk=disk
+            task, kind, spec, self.sandbox, self._events.publish, rootfs=rootfs
         )
 
     async def _forget_task(self, task_id: str) -> None:

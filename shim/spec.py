@@ -98,6 +98,15 @@ def hostname_of(spec: Mapping[str, Any]) -> str:
     return hostname
 
 
+def root_path_of(spec: Mapping[str, Any], bundle: Path) -> str:
+    """root.path as an absolute host path (a relative one is the bundle's); "" if unset."""
+    root = spec.get("root") or {}
+    path = root.get("path", "") if isinstance(root, dict) else ""
+    if not isinstance(path, str):
+        raise SpecError("OCI spec: root.path is not a string")
+    return str(bundle / path) if path else ""
+
+
 def cgroups_path_of(spec: Mapping[str, Any]) -> str:
     """linux.cgroupsPath, "" when unset."""
     linux = spec.get("linux") or {}

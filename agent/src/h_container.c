@@ -131,6 +131,11 @@ static void container_destroy(int ci)
 		if (umount2(path, MNT_DETACH) < 0 && errno != EINVAL && errno != ENOENT)
 			alog("umount %s: %s", path, strerror(errno));
 	}
+	if (ct->tmpfs_upper) {
+		bundle_path(path, sizeof path, ct->id, "rw");
+		if (umount2(path, MNT_DETACH) < 0 && errno != EINVAL && errno != ENOENT)
+			alog("umount %s: %s", path, strerror(errno));
+	}
 	bundle_path(path, sizeof path, ct->id, NULL);
 	if (rm_rf(path, &e) < 0)
 		alog("%s", e.msg);
@@ -202,9 +207,35 @@ static int apply_sysctls(const struct spec_out *so, struct err *e)
 	return 0;
 }
 
+/* A tmpfs of size_mib at <bundle>/rw for the overlay's upper and work dirs. */
+static int mount_tmpfs_upper(int ci, uint32_t size_mib, char *upper, char *work, size_t cap,
+			     struct err *e)
+{
+	char rw[256], data[64];
+	bundle_path(rw, sizeof rw, containers[ci].id, "rw");
+	if (mkdir(rw, 0755) < 0 && errno != EEXIST)
+		return err_sys(e, "mkdir %s", rw);
+	snprintf(data, sizeof data, "size=%um,mode=0755", size_mib);
+	if (mount("tmpfs", rw, "tmpfs", MS_NOSUID | MS_NODEV, data) < 0)
+		return err_sys(e, "mount tmpfs (%s) on %s", data, rw);
+	containers[ci].tmpfs_upper = true;
+	if (snprintf(upper, cap, "%s/upper", rw) >= (int)cap || snprintf(work, cap, "%s/work", rw) >= (int)cap)
+		return err_set(e, C_INVALID_ARGUMENT, "rootfs: %s: path too long", rw);
+	return 0;
+}
+
 static int mount_overlay(int ci, const PB(Rootfs) *rf, char *root, size_t cap, struct err *e)
 {
 	const char *lower = rf->path, *upper = rf->upper_dir, *work = rf->work_dir;
+	char tmp_upper[256], tmp_work[256];
+	if (rf->upper_tmpfs_mib) {
+		if (upper[0] || work[0])
+			return err_set(e, C_INVALID_ARGUMENT, "rootfs: upper_tmpfs_mib excludes upper_dir and work_dir");
+		if (mount_tmpfs_upper(ci, rf->upper_tmpfs_mib, tmp_upper, tmp_work, sizeof tmp_upper, e) < 0)
+			return -1;
+		upper = tmp_upper;
+		work = tmp_work;
+	}
 	if (upper[0] != '/' || work[0] != '/')
 		return err_set(e, C_INVALID_ARGUMENT, "rootfs: upper_dir and work_dir must be absolute guest paths");
 	if (strpbrk(lower, ",:") || strpbrk(upper, ",:") || strpbrk(work, ",:"))
@@ -300,7 +331,7 @@ int h_create_container(struct call *c, const void *vreq, void *vresp, struct err
 	bundle_path(bundle, sizeof bundle, ct->id, NULL);
 	if (rm_rf(bundle, e) < 0 || mkdir_p(bundle, 0700, e) < 0)
 		goto fail;
-	if (r->rootfs.upper_dir[0]) {
+	if (r->rootfs.upper_dir[0] || r->rootfs.upper_tmpfs_mib) {
 		if (mount_overlay(ci, &r->rootfs, root, sizeof root, e) < 0)
 			goto fail;
 	} else {

@@ -27,6 +27,7 @@ struct container {
 	const char *busy;     /* the crun command in flight that changes state, or NULL */
 	int init;             /* proc index */
 	bool overlay;         /* <bundle>/rootfs is our overlay mount */
+	bool tmpfs_upper;     /* <bundle>/rw is a tmpfs holding the overlay's upper */
 	bool own_pidns;       /* init is PID 1 of its own PID namespace */
 	char cgroup[256];     /* /sys/fs/cgroup/..., "" until known */
 	int oom_wd;           /* inotify watch on memory.events, -1 if none */

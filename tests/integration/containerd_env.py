@@ -136,6 +136,7 @@ def shim_config(state_dir: Path, vmm: str = "qemu", **overrides: object) -> dict
         "agent_startup_timeout_s": 90,
         "state_dir": str(state_dir),
         "disk_dir": str(state_dir.parent / "disks"),
+        "cache_dir": str(state_dir.parent / "cache"),
         "debug": True,
     }
     config.update(overrides)
@@ -301,6 +302,17 @@ def leftovers(state_dir: Path, root: Path) -> list[str]:
     for owned in (state_dir, state_dir.parent / "disks"):
         if owned.exists():
             found += [f"file {p}" for p in owned.rglob("*")]
+    # Cached images may stay (that is the cache); references and builds may not.
+    cache = state_dir.parent / "cache"
+    for held in (cache / "refs", cache / "building"):
+        if held.exists():
+            found += [f"cache {p}" for p in held.rglob("*")]
+    # No loop device over anything of the shim's.
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            target = backing.read_text().strip()
+            if target.startswith((str(cache), str(state_dir.parent / "disks"))):
+                found.append(f"loop device {backing.parts[3]} over {target}")
     return found
 
 

@@ -33,14 +33,17 @@ from shim.vmm.base import (
 
 @dataclass
 class Failures:
-    """Method name -> the error it raises the next time it is called."""
+    """Method name -> the error it raises the next time it is called. A key
+    `method:prefix` fails only a call about a subject (a device id, a mount
+    target) starting with `prefix`."""
 
     pending: dict[str, BaseException] = field(default_factory=dict)
 
-    def check(self, method: str) -> None:
-        error = self.pending.pop(method, None)
-        if error is not None:
-            raise error
+    def check(self, method: str, subject: str = "") -> None:
+        for key in list(self.pending):
+            name, _, prefix = key.partition(":")
+            if name == method and (not prefix or subject.startswith(prefix)):
+                raise self.pending.pop(key)
 
 
 class FakeVmm(Vmm):
@@ -66,7 +69,7 @@ class FakeVmm(Vmm):
 
     @property
     def hotplug_slots(self) -> int:
-        return 2
+        return 8
 
     async def start(self, on_process: ProcessSpawned = ignore_process) -> VmProcesses:
         await on_process("vhost-device-vsock", 4241, 1)
@@ -80,7 +83,7 @@ class FakeVmm(Vmm):
         self._failures.check("wait_vsock_ready")
 
     async def add_disk(self, disk: DiskSpec, slot: int) -> None:
-        self._failures.check("add_disk")
+        self._failures.check("add_disk", disk.id)
         assert disk.id not in self.disks
         self.disks[disk.id] = disk
         self.slots[disk.id] = slot
@@ -122,6 +125,7 @@ class FakeAgent:
         self.mounts: dict[str, str] = {}  # target -> serial
         self.files: dict[str, bytes] = {}  # guest path -> data
         self.containers: set[str] = set()
+        self.roots: dict[str, tuple[str, str, str, int]] = {}  # what create_container got
         self.started: set[str] = set()
         self.exits: dict[tuple[str, str], asyncio.Future[ExitStatus]] = {}
         self.stdout: dict[tuple[str, str], list[bytes]] = {}  # what the process printed
@@ -133,6 +137,7 @@ class FakeAgent:
         """A new connection to the same guest (its containers, files and exits)."""
         other = FakeAgent(self._failures)
         other.mounts, other.files, other.containers = self.mounts, self.files, self.containers
+        other.roots = self.roots
         other.started, other.exits, other.stdout = self.started, self.exits, self.stdout
         other.held_open = self.held_open
         return other
@@ -141,10 +146,10 @@ class FakeAgent:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    def _call(self, method: str) -> None:
+    def _call(self, method: str, subject: str = "") -> None:
         if self.closed:
             raise Unavailable("agent connection closed")
-        self._failures.check(method)
+        self._failures.check(method, subject)
 
     async def close(self) -> None:
         self._closed.set()
@@ -171,7 +176,7 @@ class FakeAgent:
         self.hostname = hostname
 
     async def mount_disk(self, serial: str, target: str, **_: Any) -> str:
-        self._call("mount_disk")
+        self._call("mount_disk", serial)
         self.mounts[target] = serial
         return "/dev/vdb"
 
@@ -192,7 +197,10 @@ class FakeAgent:
         for path in [p for p in self.files if p.startswith(prefix)]:
             del self.files[path]
 
-    async def create_container(self, container_id: str, spec: bytes, rootfs: str, **_: Any) -> int:
+    async def create_container(
+        self, container_id: str, spec: bytes, rootfs: str, *, upper_dir: str = "",
+        work_dir: str = "", upper_tmpfs_mib: int = 0, **_: Any,
+    ) -> int:
         try:
             self._call("create_container")
         except ShimError:
@@ -200,7 +208,10 @@ class FakeAgent:
             raise
         if rootfs not in self.mounts:
             raise Internal(f"rootfs {rootfs} is not mounted")
+        if upper_dir and upper_dir.rsplit("/", 1)[0] not in self.mounts:
+            raise Internal(f"upper {upper_dir} is not on a mounted disk")
         self.containers.add(container_id)
+        self.roots[container_id] = (rootfs, upper_dir, work_dir, upper_tmpfs_mib)
         return 7
 
     async def remove_container(self, container_id: str, **_: Any) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from shim import config as config_mod
 from shim import spec as spec_mod
+from shim.devices import device_id
 from shim.errors import FailedPrecondition, Internal, NotFound, ShimError, Unavailable
 from shim.events import Event, Publisher, TaskExit
 from shim.pod import Pod
@@ -59,7 +60,8 @@ class Harness:
                 "kernel_args": "quiet",
                 "state_dir": str(tmp / "state"),
                 "disk_dir": str(tmp / "disks"),
-                "container_disk_headroom_mib": 16,
+                "cache_dir": str(tmp / "cache"),
+                "container_upper": {"size_mib": 16},
             }
         )
         self.pod = Pod(
@@ -104,21 +106,28 @@ class Harness:
         )
         await self.pod.create(CreateTask(POD, bundle, (), StdioSpec()))
 
-    def rootfs(self, name: str, *, missing: bool = False) -> tuple[Mount, ...]:
+    def rootfs(
+        self, name: str, *, missing: bool = False, shared: bool = False
+    ) -> tuple[Mount, ...]:
+        """A tree as containerd would mount it: a read-only view of a committed snapshot
+        (`shared`: its image goes through the cache) or a writable bind (private)."""
         tree = self.tmp / "trees" / name
         if not missing:
             (tree / "bin").mkdir(parents=True, exist_ok=True)
             (tree / "bin" / "app").write_text("#!/bin/sh\n")
-        return (Mount("bind", str(tree), "", ("rbind", "rw")),)
+        return (Mount("bind", str(tree), "", ("rbind", "ro" if shared else "rw")),)
 
-    async def create_container(self, cid: str, *, missing_rootfs: bool = False) -> None:
+    async def create_container(
+        self, cid: str, *, missing_rootfs: bool = False, shared: bool = False,
+        image: str = "", annotations: dict[str, str] | None = None,
+    ) -> None:
         hosts = self.tmp / "hosts"
         hosts.write_text("127.0.0.1 localhost\n")
         data = self.tmp / "volumes" / "data"  # a hostPath: shared through virtio-fs
         data.mkdir(parents=True, exist_ok=True)
         bundle = self.bundle(
             cid,
-            {spec_mod.CONTAINER_TYPE: "container", spec_mod.SANDBOX_ID: POD},
+            {spec_mod.CONTAINER_TYPE: "container", spec_mod.SANDBOX_ID: POD, **(annotations or {})},
             mounts=[
                 {"destination": "/proc", "type": "proc", "source": "proc"},
                 {
@@ -135,7 +144,7 @@ class Harness:
                 },
             ],
         )
-        rootfs = self.rootfs(cid, missing=missing_rootfs)
+        rootfs = self.rootfs(image or cid, missing=missing_rootfs, shared=shared)
         await self.pod.create(CreateTask(cid, bundle, rootfs, StdioSpec()))
 
     def persisted(self) -> PodState:
@@ -144,7 +153,14 @@ class Harness:
         return state
 
     def images(self) -> list[Path]:
-        return sorted((self.tmp / "disks").rglob("*.ext4"))
+        """Per-container files in the pod's work dir: private images and uppers."""
+        return sorted(p for p in (self.tmp / "disks").rglob("*") if p.is_file())
+
+    def cache_refs(self) -> list[Path]:
+        return sorted((self.tmp / "cache" / "refs").rglob("*"))
+
+    def cache_entries(self) -> list[Path]:
+        return sorted((self.tmp / "cache" / "images").glob("*"))
 
     def owned_by(self, owner: str) -> list[str]:
         return [r.kind for r in self.persisted().resources if r.owner == owner]
@@ -175,28 +191,44 @@ def _fail_record(kind: str) -> Callable[[Harness], None]:
     return inject
 
 
-CREATE_STEPS = {
-    "state record": _fail_record("disk"),
-    "image build": None,  # a rootfs directory that does not exist: mkfs has nothing to copy
-    "plug": _fail("add_disk", VmmError("no slot today")),
-    "guest mount": _fail("mount_disk", Internal("no such disk")),
-    "volume /data (source": _fail_record("volume"),
-    "bind": _fail("bind", Internal("mount: permission denied")),
-    "file copies": _fail("copy_file", Internal("guest disk full")),
-    "crun create": _fail("create_container", Internal("crun: exit status 1")),
+def _upper_file_exists(h: Harness) -> None:
+    """The upper's file name is taken: its O_EXCL create fails."""
+    work_dir = Path(h.pod.sandbox.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / f"{device_id('u', 'c1')}.ext4").write_text("")
+
+
+# (step named in the error, how to break it, shared image or private)
+CREATE_STEPS: dict[str, tuple[str, Callable[[Harness], None] | None, bool]] = {
+    "private record": ("state record", _fail_record("disk"), False),
+    "private build": ("image build", None, False),  # a rootfs dir that does not exist
+    "private plug": ("plug", _fail("add_disk:p", VmmError("no slot today")), False),
+    "private mount": ("guest mount", _fail("mount_disk:p", Internal("no such disk")), False),
+    "upper record": ("state record", _fail_record("upper"), False),
+    "upper create": ("upper disk", _upper_file_exists, False),
+    "upper plug": ("plug", _fail("add_disk:u", VmmError("no slot today")), False),
+    "upper mount": ("guest mount", _fail("mount_disk:u", Internal("bad fs")), False),
+    "shared source": ("rootfs source", None, True),  # its layer does not exist
+    "shared record": ("state record", _fail_record("image"), True),
+    "shared plug": ("plug", _fail("add_disk:i", VmmError("no slot today")), True),
+    "shared mount": ("guest mount", _fail("mount_disk:i", Internal("no such disk")), True),
+    "volume record": ("volume /data (source", _fail_record("volume"), True),
+    "volume bind": ("bind", _fail("bind", Internal("mount: permission denied")), True),
+    "file copies": ("file copies", _fail("copy_file", Internal("guest disk full")), True),
+    "crun create": ("crun create", _fail("create_container", Internal("crun: exit 1")), True),
 }
 
 
-@pytest.mark.parametrize("step", list(CREATE_STEPS))
+@pytest.mark.parametrize("case", list(CREATE_STEPS))
 async def test_container_create_failure_undoes_every_earlier_step(
-    harness: Harness, step: str
+    harness: Harness, case: str
 ) -> None:
+    step, inject, shared = CREATE_STEPS[case]
     await harness.create_sandbox()
-    inject = CREATE_STEPS[step]
     if inject is not None:
         inject(harness)
     with pytest.raises(ShimError) as raised:
-        await harness.create_container("c1", missing_rootfs=inject is None)
+        await harness.create_container("c1", missing_rootfs=inject is None, shared=shared)
     assert step in str(raised.value) and "c1" in str(raised.value)
 
     agent, vmm = harness.agent, harness.vmm
@@ -206,19 +238,29 @@ async def test_container_create_failure_undoes_every_earlier_step(
     assert not [p for p in agent.files if "/c1/" in p], "guest copies left behind"
     assert harness.fs_host.binds == {}, "volume bind left behind"
     assert agent.containers == set()
-    assert harness.images() == [], "host image left behind"
+    assert harness.cache_refs() == [], "cache reference left behind"
     state = harness.persisted()
     assert harness.owned_by("c1") == []
     assert [r.kind for r in state.resources] == ["sharedfs"]  # the pod's own stays
     assert state.containers == (POD,)
     assert "c1" not in harness.pod.containers
+    for leftover in harness.images():
+        assert case == "upper create", f"host image left behind: {leftover}"
 
     # Nothing stale blocks a retry: the same container now comes up.
-    await harness.create_container("c1")
+    for leftover in harness.images():
+        leftover.unlink()
+    await harness.create_container("c1", shared=shared)
     assert agent.containers == {"c1"}
-    assert len(vmm.disks) == 1 and len(harness.disk_mounts()) == 1 and len(harness.images()) == 1
+    assert len(vmm.disks) == 2 and len(harness.disk_mounts()) == 2
     assert list(harness.fs_host.binds) == ["c1/2"]
-    assert harness.owned_by("c1") == ["disk", "volume"]
+    resources = [(r.kind, r.owner) for r in harness.persisted().resources]
+    if shared:
+        assert resources == [("sharedfs", ""), ("image", ""), ("upper", "c1"), ("volume", "c1")]
+        assert len(harness.images()) == 1 and len(harness.cache_refs()) == 2  # dir + ref
+    else:
+        assert resources == [("sharedfs", ""), ("disk", "c1"), ("upper", "c1"), ("volume", "c1")]
+        assert len(harness.images()) == 2 and harness.cache_refs() == []
 
 
 BOOT_STEPS = {
@@ -262,17 +304,79 @@ async def test_delete_unplugs_and_forgets_the_disk(harness: Harness) -> None:
     await harness.create_container("c2")
     agent = harness.agent
     assert agent is not None
-    assert sorted(harness.vmm.slots.values()) == [0, 1]
+    assert sorted(harness.vmm.slots.values()) == [0, 1, 2, 3]
     await harness.pod.kill("c1", "", 9, False)
     await harness.pod.delete("c1", "")
     assert agent.containers == {"c2"}
-    assert len(harness.vmm.disks) == 1 and len(harness.images()) == 1
-    assert [r.owner for r in harness.persisted().resources] == ["", "c2", "c2"]
+    assert len(harness.vmm.disks) == 2 and len(harness.images()) == 2
+    assert [r.owner for r in harness.persisted().resources] == ["", "c2", "c2", "c2"]
     assert list(harness.fs_host.binds) == ["c2/2"]
     assert harness.persisted().containers == (POD, "c2")
-    # The freed slot is handed out again.
+    # The freed slots are handed out again.
     await harness.create_container("c3")
-    assert sorted(harness.vmm.slots.values()) == [0, 1]
+    assert sorted(harness.vmm.slots.values()) == [0, 1, 2, 3]
+
+
+async def test_containers_of_one_image_share_its_disk_until_the_last_goes(
+    harness: Harness,
+) -> None:
+    await harness.create_sandbox()
+    await harness.create_container("c1", shared=True, image="img")
+    await harness.create_container("c2", shared=True, image="img")
+    await harness.create_container("c3", shared=True, image="other")
+    agent, vmm = harness.agent, harness.vmm
+    assert agent is not None
+    images = sorted(d for d in vmm.disks if d.startswith("i"))
+    assert len(images) == 2, "one read-only disk per image, not per container"
+    assert all(vmm.disks[d].read_only for d in images)
+    assert {agent.roots["c1"][0], agent.roots["c2"][0]} == {agent.roots["c1"][0]}
+    assert agent.roots["c1"][0] != agent.roots["c3"][0]
+    # Each container writes to its own upper, on its own disk.
+    assert len({agent.roots[c][1] for c in ("c1", "c2", "c3")}) == 3
+    assert len(harness.cache_entries()) == 2
+    refs = [p for p in harness.cache_refs() if p.is_file()]
+    assert len(refs) == 2, "one host reference per image per pod"
+
+    for cid in ("c1", "c2"):
+        await harness.pod.kill(cid, "", 9, False)
+        await harness.pod.delete(cid, "")
+        still_plugged = any(agent.roots[cid][0] == t for t in agent.mounts)
+        assert still_plugged == (cid == "c1"), "the shared disk went with the wrong container"
+    assert len([d for d in vmm.disks if d.startswith("i")]) == 1
+    assert len([p for p in harness.cache_refs() if p.is_file()]) == 1
+    assert [(r.kind, r.owner) for r in harness.persisted().resources] == [
+        ("sharedfs", ""), ("image", ""), ("upper", "c3"), ("volume", "c3")
+    ]
+    assert len(harness.cache_entries()) == 2, "an unused entry stays cached"
+
+
+async def test_tmpfs_upper_from_an_annotation(harness: Harness) -> None:
+    await harness.create_sandbox()
+    await harness.create_container(
+        "c1", shared=True,
+        annotations={"io.cloudhv.container.upper": "tmpfs",
+                     "io.cloudhv.container.upper_size_mib": "64"},
+    )
+    agent = harness.agent
+    assert agent is not None
+    _, upper, work, tmpfs_mib = agent.roots["c1"]
+    assert (upper, work, tmpfs_mib) == ("", "", 64)
+    assert len(harness.vmm.disks) == 1 and harness.images() == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("io.cloudhv.container.upper", "ramdisk"), ("io.cloudhv.container.upper_size_mib", "8"),
+     ("io.cloudhv.container.upper_size_mib", "lots")],
+)
+async def test_bad_upper_annotation_is_refused_by_name(
+    harness: Harness, key: str, value: str
+) -> None:
+    await harness.create_sandbox()
+    with pytest.raises(ShimError) as raised:
+        await harness.create_container("c1", shared=True, annotations={key: value})
+    assert key in str(raised.value) and repr(value) in str(raised.value)
+    assert harness.vmm.disks == {} and harness.owned_by("c1") == []
 
 
 async def test_vm_crash_reports_every_running_process_exited(harness: Harness) -> None:
