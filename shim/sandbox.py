@@ -188,7 +188,9 @@ class Sandbox:
             max_vcpus=size.max_vcpus,
             memory_mib=size.memory_mib,
         )
-        await self.save(vm_dir=str(vm_dir))
+        await self.save(
+            vm_dir=str(vm_dir), vcpus=size.vcpus, memory_mib=size.memory_mib, booted_at=time.time()
+        )
         # No VM means no disk in use: anything in the work dir is a dead pod's garbage.
         await asyncio.to_thread(_clear_dir, self.work_dir)
         self._vm_exit = None
@@ -289,7 +291,7 @@ class Sandbox:
                 log.error("event=vm_shutdown_failed pod=%s error=%r", self.id, str(err))
         self._vmm = None
         self._devices = None
-        await self.save(vmm=None, helpers=())
+        await self.save(vmm=None, helpers=(), booted_at=0.0)
         cgroup, self._cgroup = self._cgroup, None
         if cgroup is not None:
             await cgroup.detach(self)
