@@ -14,7 +14,9 @@ from pathlib import Path
 
 from tests.integration.busybox_tree import make_busybox_tree
 from tests.integration.containerd_env import (
+    V1_6,
     Containerd,
+    ContainerdVersion,
     cleanup_dir,
     import_image,
     leftovers,
@@ -81,7 +83,9 @@ def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
 
 
 @contextlib.contextmanager
-def containerd_env(**config_overrides: object) -> Iterator[Env]:
+def containerd_env(
+    *, version: ContainerdVersion = V1_6, shim: Path | None = None, **config_overrides: object
+) -> Iterator[Env]:
     scratch = Path(tempfile.mkdtemp(prefix="chv-", dir="/run"))
     try:
         state_dir = scratch / "state"
@@ -89,7 +93,9 @@ def containerd_env(**config_overrides: object) -> Iterator[Env]:
         tree = make_busybox_tree(scratch / "tree")
         busybox = build_image([tree], BUSYBOX, ["sh"], scratch / "busybox.tar")
         pause = build_image([tree], PAUSE, ["sleep", "2147483647"], scratch / "pause.tar")
-        with running_containerd(scratch / "ctrd", config) as containerd:
+        with running_containerd(
+            scratch / "ctrd", config, version=version, shim=shim
+        ) as containerd:
             for namespace in ("default", "k8s.io"):
                 import_image(containerd, busybox, namespace)
                 import_image(containerd, pause, namespace)
