@@ -28,6 +28,10 @@ usage: scripts/install.sh [options]
   --build-only             install build dependencies and build the guest and the shim
                            (cached); print their paths as shell assignments; install nothing
   --no-deps                do not run scripts/setup.sh (everything must be present)
+  --from-payload DIR       install from a payload made by scripts/make-payload.sh (wheels
+                           and the guest; no build, no network): the Kubernetes installer
+  --k3s                    register through k3s' containerd template instead of
+                           --containerd-config (with --configure-containerd)
 EOF
 }
 
@@ -43,6 +47,8 @@ CONTAINERD_CONFIG=/etc/containerd/config.toml
 REPROBE=0
 BUILD_ONLY=0
 DEPS=1
+PAYLOAD=""
+K3S=0
 ARGS=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -58,6 +64,8 @@ while [ $# -gt 0 ]; do
     --reprobe) REPROBE=1 ;;
     --build-only) BUILD_ONLY=1 ;;
     --no-deps) DEPS=0 ;;
+    --from-payload) PAYLOAD=$(cd "$2" && pwd); shift ;;
+    --k3s) K3S=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "install.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -73,25 +81,33 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-cd "$REPO"
 say() { echo "== $*" >&2; }
 t0=$(date +%s)
-
-if [ "$DEPS" = 1 ]; then
-  say "[1/6] build dependencies (Debian packages, a build venv; cached)"
-  BUILD_VENV=$(bash scripts/setup.sh)
+if [ -n "$PAYLOAD" ]; then
+  # Everything was built where the payload was made: wheels, guest, config template.
+  CLOUDHV_KERNEL="$PAYLOAD/vmlinux"
+  CLOUDHV_ROOTFS="$PAYLOAD/rootfs.ext4"
+  TEMPLATE="$PAYLOAD/cloudhv.json"
+  say "[1-2/6] from the payload in $PAYLOAD (nothing to build)"
 else
-  BUILD_VENV=${CLOUDHV_VENV:-$(readlink -f /var/cache/cloudhv/venv)}
-fi
-export CLOUDHV_VENV="$BUILD_VENV"
-say "[2/6] guest kernel, rootfs and shim (cached by input hash)"
-artifacts=$(bash scripts/build.sh)  # a failed build stops the script here
-eval "$artifacts"
-if [ "$BUILD_ONLY" = 1 ]; then
-  echo "CLOUDHV_VENV=$BUILD_VENV"
-  echo "$artifacts"
-  exit 0
+  REPO=$(cd "$(dirname "$0")/.." && pwd)
+  cd "$REPO"
+  TEMPLATE="$REPO/config/cloudhv.json"
+  if [ "$DEPS" = 1 ]; then
+    say "[1/6] build dependencies (Debian packages, a build venv; cached)"
+    BUILD_VENV=$(bash scripts/setup.sh)
+  else
+    BUILD_VENV=${CLOUDHV_VENV:-$(readlink -f /var/cache/cloudhv/venv)}
+  fi
+  export CLOUDHV_VENV="$BUILD_VENV"
+  say "[2/6] guest kernel, rootfs and shim (cached by input hash)"
+  artifacts=$(bash scripts/build.sh)  # a failed build stops the script here
+  eval "$artifacts"
+  if [ "$BUILD_ONLY" = 1 ]; then
+    echo "CLOUDHV_VENV=$BUILD_VENV"
+    echo "$artifacts"
+    exit 0
+  fi
 fi
 
 MANIFEST="$PREFIX/manifest"
@@ -103,30 +119,41 @@ record() {  # remember an installed path for uninstall.sh (once)
 }
 
 say "[3/6] the shim package into $VENV"
-# What pip would install: the package's sources (the generated protobuf modules too).
-src_hash=$(find shim proto pyproject.toml -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
-             -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+# What pip would install: the package's sources (the generated protobuf modules too),
+# or the payload's wheels.
+if [ -n "$PAYLOAD" ]; then
+  src_hash=$(sha256sum "$PAYLOAD"/wheels/* | sha256sum | cut -c1-16)
+else
+  src_hash=$(find shim proto pyproject.toml -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
+               -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+fi
 if [ -f "$VENV/.source-hash" ] && [ "$(cat "$VENV/.source-hash")" = "$src_hash" ]; then
   echo "package: cached ($src_hash)" >&2
 else
-  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  # Build metadata stays out of the checkout (a read-only or shared clone still installs).
-  work=$(mktemp -d)
-  cp -a pyproject.toml shim proto "$work/"
-  find "$work" -name __pycache__ -prune -exec rm -rf {} +
-  # (This host's pip config names local mirrors that may be absent: not worth a warning each.)
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || {
+    echo "install.sh: cannot create a venv with $(command -v python3 || echo 'no python3'):" \
+         "install python3 (3.11 or newer) and python3-venv" >&2; exit 1; }
+  if [ -n "$PAYLOAD" ]; then
+    pip_args=(--no-index --find-links "$PAYLOAD/wheels" containerd-shim-cloudhv)
+  else
+    # Build metadata stays out of the checkout (a read-only or shared clone still installs).
+    work=$(mktemp -d)
+    cp -a pyproject.toml shim proto "$work/"
+    find "$work" -name __pycache__ -prune -exec rm -rf {} +
+    pip_args=(-c scripts/requirements.txt "$work")
+  fi
   set +e
-  "$VENV/bin/pip" install -q --disable-pip-version-check -c scripts/requirements.txt "$work" \
+  # (This host's pip config names local mirrors that may be absent: not worth a warning each.)
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${pip_args[@]}" \
     2>&1 | grep -v "^WARNING: Location 'file:" >&2
   pip_status=${PIPESTATUS[0]}
   set -e
+  [ -z "${work:-}" ] || rm -rf "$work"
   if [ "$pip_status" != 0 ]; then
-    rm -rf "$work"
     echo "install.sh: pip install failed (see above)" >&2
     exit 1
   fi
-  rm -rf "$work"
-  "$VENV/bin/python" -c "import shim._pb.agent_pb2, shim.cli, shim.ctl.main" \
+  "$VENV/bin/python" -I -c "import shim._pb.agent_pb2, shim.cli, shim.ctl.main" \
     || { echo "install.sh: the installed package is incomplete" >&2; exit 1; }
   echo "$src_hash" > "$VENV/.source-hash"
   echo "package: installed ($src_hash)" >&2
@@ -152,7 +179,7 @@ record "$DATADIR"
 say "[5/6] $SYSCONFDIR/config.json (VMM and accelerator from a probe boot)"
 base=$(mktemp)
 trap 'rm -f "$base" "$base.chosen"' EXIT
-"$VENV/bin/python" - "$REPO/config/cloudhv.json" "$base" <<PY
+"$VENV/bin/python" - "$TEMPLATE" "$base" <<PY
 import json, sys
 data = json.load(open(sys.argv[1]))
 data.update(kernel_path="$DATADIR/vmlinux", rootfs_path="$DATADIR/rootfs.ext4",
@@ -204,6 +231,7 @@ done
 
 say "[6/6] containerd"
 if [ "$CONFIGURE_CONTAINERD" = 1 ]; then
+  [ "$K3S" = 0 ] || CONTAINERD_CONFIG=/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl
   "$VENV/bin/cloudhvctl" containerd register --containerd-config "$CONTAINERD_CONFIG" \
     --config-path "$CONFIG" --runtime-path "$BINDIR/containerd-shim-cloudhv-v1"
   grep -qxF "containerd-config $CONTAINERD_CONFIG" "$MANIFEST" \

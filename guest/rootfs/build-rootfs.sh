@@ -25,6 +25,7 @@ mkdir -p "$CACHE"
 exec 9>"$OUT.lock"  # one build per key at a time (see build-kernel.sh)
 flock 9
 if [ -f "$OUT/rootfs.ext4" ]; then
+  touch "$OUT"  # marks it used: pruning below goes by last use
   echo "rootfs: cached $OUT/rootfs.ext4" >&2
   echo "$OUT/rootfs.ext4"
   exit 0
@@ -58,8 +59,11 @@ mkdir -p "$OUT"
 mv "$WORK/rootfs.ext4" "$OUT/rootfs.ext4"
 cp "$WORK/agent/cloudhv-agent" "$OUT/cloudhv-agent"
 rm -rf "$WORK"
-# Keep the 4 most recent builds; older inputs are unlikely to come back.
-ls -1dt "$CACHE"/rootfs-*/ 2>/dev/null | tail -n +5 | while read -r old; do
+# Keep the 8 most recently used builds, and any used in the last two hours: several
+# checkouts (branches) build and test at once, each with its own inputs, and a test
+# run must not lose its rootfs under it.
+ls -1dt "$CACHE"/rootfs-*/ 2>/dev/null | tail -n +9 | while read -r old; do
+  [ -z "$(find "$old" -maxdepth 0 -mmin -120)" ] || continue
   rm -rf "$old" "${old%/}.lock"
 done
 echo "$OUT/rootfs.ext4"

@@ -11,6 +11,10 @@ containerd's config has two shapes, told apart by its `version` key:
   `io.containerd.cri.v1.runtime`, and imports merge plugin sections key by key, so
   the tables go into a drop-in file that config.toml `imports`.
 
+- k3s writes containerd's config itself, from `config.toml.tmpl` when that exists:
+  the template is k3s' own (`{{ template "base" . }}`) followed by our block, in
+  the version of the config k3s generated last (k3s 1.31 and later: version 3).
+
 Edits are textual (comments and layout survive), each checked by parsing the
 result: the edited file must mean exactly the old one plus our tables. A file
 this cannot edit safely is left alone, with an error saying what to add by hand.
@@ -37,6 +41,8 @@ CRI_V3 = "io.containerd.cri.v1.runtime"
 BEGIN = "# BEGIN cloudhv runtime (managed: `cloudhvctl containerd unregister` removes it)"
 END = "# END cloudhv runtime"
 DROP_IN = Path("/etc/containerd/conf.d/cloudhv.toml")
+K3S_TEMPLATE = Path("/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl")
+K3S_BASE = '{{ template "base" . }}\n'
 
 
 class RegistrationError(Exception):
@@ -130,6 +136,8 @@ def plan_register(
 ) -> list[Change]:
     """The file changes that register `runtime` in the containerd config at `main` (pure
     but for reading the files). Already registered the same way: no change."""
+    if main.name.endswith(".tmpl"):
+        return [_k3s_register(main, runtime)]
     before = _read(main)
     if before is None:
         version = 3 if (major or 1) >= 2 else 2
@@ -149,6 +157,26 @@ def plan_register(
     return changes
 
 
+def _k3s_register(template: Path, runtime: Runtime) -> Change:
+    generated = template.with_name(template.name.removesuffix(".tmpl"))
+    text = _read(generated)
+    if text is None:
+        raise RegistrationError(
+            f"{generated}: missing; start k3s once so that it writes containerd's config, "
+            "then run this again"
+        )
+    version = config_version(text, str(generated), 2)
+    before = _read(template)
+    kept = strip_block(before) if before is not None else K3S_BASE
+    if "{{ template \"base\"" not in kept and "{{template \"base\"" not in kept:
+        raise RegistrationError(
+            f"{template}: a custom template without k3s' base template; add this to it by "
+            f"hand:\n{runtime_tables(version, runtime)}"
+        )
+    after = kept.rstrip("\n") + "\n\n" + _block(runtime_tables(version, runtime))
+    return Change(template, before, after)
+
+
 def _drop_in_change(drop_in: Path, runtime: Runtime) -> Change:
     text = (
         "# Registers the cloudhv runtime handler; imported by containerd's config.toml.\n"
@@ -159,6 +187,13 @@ def _drop_in_change(drop_in: Path, runtime: Runtime) -> Change:
 
 def plan_unregister(main: Path, *, drop_in: Path = DROP_IN) -> list[Change]:
     """The changes undoing `plan_register`; nothing for a config we never touched."""
+    if main.name.endswith(".tmpl"):
+        text = _read(main)
+        if text is None:
+            return []
+        kept = strip_block(text)
+        # The template was ours alone: without our block k3s' default is the same thing.
+        return [Change(main, text, None if kept.strip() == K3S_BASE.strip() else kept)]
     changes = []
     before = _read(main)
     if before is not None:

@@ -136,3 +136,30 @@ def test_shown_tables_parse() -> None:
         runtime = tables["plugins"][plugin]["containerd"]["runtimes"]["cloudhv"]
         assert runtime["options"]["ConfigPath"] == '/a "b"/c.json'
         assert "runtime_path" not in runtime
+
+
+def test_k3s_template(tmp_path: Path) -> None:
+    template = tmp_path / "config.toml.tmpl"
+    with pytest.raises(reg.RegistrationError, match="start k3s once"):
+        reg.plan_register(template, RUNTIME)
+    (tmp_path / "config.toml").write_text('version = 3\n[plugins."io.containerd.cri.v1.images"]\n')
+    assert reg.apply(reg.plan_register(template, RUNTIME)) == [template]
+    text = template.read_text()
+    assert text.startswith(reg.K3S_BASE)
+    tables = tomllib.loads(text.split(reg.BEGIN + "\n")[1].split(reg.END)[0])
+    assert tables["plugins"][reg.CRI_V3]["containerd"]["runtimes"]["cloudhv"]["runtime_type"] == (
+        "io.containerd.cloudhv.v1")
+    assert reg.apply(reg.plan_register(template, RUNTIME)) == []  # idempotent
+    reg.apply(reg.plan_unregister(template))
+    assert not template.exists()  # it was ours alone
+    # A template of the user's own keeps everything but our block.
+    own = reg.K3S_BASE + "\n[plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dir = '/x'\n"
+    template.write_text(own)
+    reg.apply(reg.plan_register(template, RUNTIME))
+    reg.apply(reg.plan_unregister(template))
+    assert template.read_text().rstrip("\n") == own.rstrip("\n")
+    # k3s before 1.31 generates version 2.
+    (tmp_path / "config.toml").write_text('version = 2\n')
+    template.unlink()
+    reg.apply(reg.plan_register(template, RUNTIME))
+    assert f'plugins."{reg.CRI_V2}".containerd.runtimes.cloudhv' in template.read_text()
