@@ -7,6 +7,9 @@
 #   <sysconfdir>/config.json   the shim's config: VMM and accelerator chosen by a probe boot
 #   <prefix>/manifest          what was installed, for scripts/uninstall.sh
 #
+# Prints what it installed as shell assignments on stdout (CLOUDHV_SHIM_BIN, CLOUDHV_CTL,
+# CLOUDHV_CONFIG, and CLOUDHV_VENV for the build venv); everything else goes to stderr.
+#
 # Idempotent: a second run finds everything cached and changes nothing. A config.json
 # you edited is never overwritten: the new one goes to config.json.new, with a notice.
 # Steps that need the network (Debian and PyPI packages) run only when something is missing.
@@ -170,11 +173,22 @@ put() {  # src dst: copy unless identical, atomically
 }
 put "$CLOUDHV_KERNEL" "$DATADIR/vmlinux"
 put "$CLOUDHV_ROOTFS" "$DATADIR/rootfs.ext4"
+VSOCK_BACKEND=/usr/bin/vhost-device-vsock
+if [ -n "$PAYLOAD" ] && [ ! -x "$VSOCK_BACKEND" ] && [ -x "$PAYLOAD/bin/vhost-device-vsock" ]; then
+  install -d -m 0755 "$PREFIX/bin"
+  put "$PAYLOAD/bin/vhost-device-vsock" "$PREFIX/bin/vhost-device-vsock"
+  chmod 0755 "$PREFIX/bin/vhost-device-vsock"
+  record "$PREFIX/bin"
+  VSOCK_BACKEND="$PREFIX/bin/vhost-device-vsock"
+fi
 for cmd in containerd-shim-cloudhv-v1 cloudhvctl; do
   ln -sfn "$VENV/bin/$cmd" "$BINDIR/$cmd"
   record "$BINDIR/$cmd"
 done
 record "$DATADIR"
+# uninstall.sh must outlive the checkout.
+install -m 0755 "$(dirname "$0")/uninstall.sh" "$PREFIX/uninstall.sh"
+record "$PREFIX/uninstall.sh"
 
 say "[5/6] $SYSCONFDIR/config.json (VMM and accelerator from a probe boot)"
 base=$(mktemp)
@@ -184,6 +198,7 @@ import json, sys
 data = json.load(open(sys.argv[1]))
 data.update(kernel_path="$DATADIR/vmlinux", rootfs_path="$DATADIR/rootfs.ext4",
             state_dir="$STATE_DIR", disk_dir="$DISK_DIR", cache_dir="$CACHE_DIR")
+data.setdefault("qemu", {})["vsock_backend"] = "$VSOCK_BACKEND"
 open(sys.argv[2], "w").write(json.dumps(data, indent=2) + "\n")
 PY
 # The answer depends on the guest, the VMMs and the host: keyed by all of them.
@@ -240,3 +255,7 @@ else
   echo "not registered with containerd (pass --configure-containerd, or see docs/configuration.md)" >&2
 fi
 echo "install: done in $(( $(date +%s) - t0 ))s; check the host with: $BINDIR/cloudhvctl doctor" >&2
+echo "CLOUDHV_SHIM_BIN=$BINDIR/containerd-shim-cloudhv-v1"
+echo "CLOUDHV_CTL=$BINDIR/cloudhvctl"
+echo "CLOUDHV_CONFIG=$CONFIG"
+[ -z "${CLOUDHV_VENV:-}" ] || echo "CLOUDHV_VENV=$CLOUDHV_VENV"

@@ -30,5 +30,10 @@ install -m 0644 "$CLOUDHV_KERNEL" "$OUT.tmp/vmlinux"
 install -m 0644 "$CLOUDHV_ROOTFS" "$OUT.tmp/rootfs.ext4"
 install -m 0644 config/cloudhv.json "$OUT.tmp/cloudhv.json"
 install -m 0755 scripts/install.sh scripts/uninstall.sh "$OUT.tmp/"
+# QEMU's vsock backend is packaged in few distributions: the node gets Debian's.
+install -D -m 0755 "$(command -v vhost-device-vsock)" "$OUT.tmp/bin/vhost-device-vsock"
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+echo "$version-$(cat "$OUT.tmp"/wheels/* "$OUT.tmp/vmlinux" "$OUT.tmp/rootfs.ext4" | sha256sum | cut -c1-12)" \
+  > "$OUT.tmp/VERSION"
 rm -rf "$OUT" && mv "$OUT.tmp" "$OUT"
 echo "payload: $OUT ($(du -sh "$OUT" | cut -f1))" >&2

@@ -36,6 +36,15 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 MANIFEST="$PREFIX/manifest"
+# The installed copy of this script lives in the prefix it removes: run from elsewhere.
+case "$(readlink -f "$0")" in
+  "$(readlink -f "$PREFIX")"/*)
+    copy=$(mktemp)
+    cp "$0" "$copy"
+    CLOUDHV_UNINSTALL_COPY=$copy exec bash "$copy" "${ARGS[@]}"
+    ;;
+esac
+[ -z "${CLOUDHV_UNINSTALL_COPY:-}" ] || trap 'rm -f "$CLOUDHV_UNINSTALL_COPY"' EXIT
 if [ ! -f "$MANIFEST" ]; then
   echo "uninstall.sh: nothing installed under $PREFIX (no $MANIFEST)" >&2
   exit 0

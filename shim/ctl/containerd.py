@@ -36,6 +36,7 @@ from typing import Any
 RUNTIME_TYPE = "io.containerd.cloudhv.v1"
 HANDLER = "cloudhv"
 POD_ANNOTATIONS = ("io.cloudhv.*", "io.katacontainers.*")
+CONTAINER_ANNOTATIONS = ("io.cloudhv.container.*",)
 CRI_V2 = "io.containerd.grpc.v1.cri"
 CRI_V3 = "io.containerd.cri.v1.runtime"
 BEGIN = "# BEGIN cloudhv runtime (managed: `cloudhvctl containerd unregister` removes it)"
@@ -67,9 +68,11 @@ def runtime_tables(version: int, runtime: Runtime) -> str:
     lines = [f"[{base}]", f'  runtime_type = "{RUNTIME_TYPE}"']
     if runtime.runtime_path is not None:
         lines.append(f"  runtime_path = {_toml_str(str(runtime.runtime_path))}")
-    annotations = ", ".join(f'"{a}"' for a in POD_ANNOTATIONS)
+    pod = ", ".join(f'"{a}"' for a in POD_ANNOTATIONS)
+    container = ", ".join(f'"{a}"' for a in CONTAINER_ANNOTATIONS)
     lines += [
-        f"  pod_annotations = [{annotations}]",
+        f"  pod_annotations = [{pod}]",
+        f"  container_annotations = [{container}]",
         f"[{base}.options]",
         f"  ConfigPath = {_toml_str(str(runtime.config_path))}",
     ]

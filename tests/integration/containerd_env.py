@@ -163,6 +163,7 @@ class Containerd:
     namespace: str = "default"
     version: ContainerdVersion = V1_6
     shim_dir: Path = SHIM_BIN_DIR
+    config: Path = Path()
 
     @property
     def address(self) -> Path:
@@ -197,6 +198,14 @@ class Containerd:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def base_config(root: Path) -> str:
+    """The version 2 config of running_containerd without the cloudhv runtime, for an
+    installer to register it in."""
+    text = CONFIG_TOML.format(root=root, runtime=RUNTIME, shim="", shim_config="")
+    ours = '    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cloudhv]'
+    return text[: text.index(ours)]
+
+
 def ensure_shim_wrapper() -> Path:
     subprocess.run(["bash", str(REPO / "scripts" / "build-shim.sh")], check=True)
     return SHIM_BIN_DIR / "containerd-shim-cloudhv-v1"
@@ -209,11 +218,14 @@ def running_containerd(
     *,
     version: ContainerdVersion = V1_6,
     shim: Path | None = None,
+    config_file: Path | None = None,
 ) -> Iterator[Containerd]:
     """Start containerd with a private root/state/sockets; stop it and unmount its state.
 
     `shim` is the shim binary (default: this checkout's wrapper); containerd 1.7 and 2.x
     run it from runtime_path, 1.6 finds it on PATH, where its directory goes first.
+    `config_file`: containerd's config as written elsewhere (base_config() plus what
+    an installer added), instead of the template with the runtime in it.
     """
     version.check()
     shim = shim or ensure_shim_wrapper()
@@ -224,17 +236,19 @@ def running_containerd(
     netns = f"cloudhv-test-{os.getpid()}-{root.name[-8:]}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-    config = root / "config.toml"
-    template = CONFIG_TOML_V3 if version.config_version == 3 else CONFIG_TOML
-    config.write_text(
-        template.format(root=root, runtime=RUNTIME, shim=shim, shim_config=shim_config_path)
-    )
+    config = config_file or root / "config.toml"
+    if config_file is None:
+        template = CONFIG_TOML_V3 if version.config_version == 3 else CONFIG_TOML
+        config.write_text(
+            template.format(root=root, runtime=RUNTIME, shim=shim, shim_config=shim_config_path)
+        )
     containerd = Containerd(
         root=root,
         process=_start(root, config, netns, shim_config_path, version, shim.parent),
         netns=netns,
         version=version,
         shim_dir=shim.parent,
+        config=config,
     )
     try:
         yield containerd
@@ -289,7 +303,7 @@ def restart(containerd: Containerd, shim_config_path: Path, down_s: float = 0.0)
     time.sleep(down_s)
     containerd.process = _start(
         containerd.root,
-        containerd.root / "config.toml",
+        containerd.config,
         containerd.netns,
         shim_config_path,
         containerd.version,

@@ -52,6 +52,7 @@ def test_version_2_gets_the_tables_in_place(tmp_path: Path) -> None:
         "runtime_type": "io.containerd.cloudhv.v1",
         "runtime_path": "/usr/local/bin/containerd-shim-cloudhv-v1",
         "pod_annotations": ["io.cloudhv.*", "io.katacontainers.*"],
+        "container_annotations": ["io.cloudhv.container.*"],
         "options": {"ConfigPath": "/etc/cloudhv/config.json"},
     }
     assert main.read_text().startswith(DEBIAN_1_6)
