@@ -1,0 +1,105 @@
+"""`python -m bench`: every measurement of the pod path in one run, with a report.
+
+Usage (root, repository root, after scripts/test.sh's setup and build; PYTHONPATH=.):
+    python -m bench [-n 5] [--quick]
+Starts a private containerd (tests/integration's harness), runs each measurement N
+times side by side, and writes bench/results.json and PNG charts in bench/. The
+targets of docs/performance.md are printed with the measured figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import measure
+from tests.integration.ctr_fixtures import containerd_env
+
+OUT = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-n", type=int, default=5, help="repetitions per measurement")
+    parser.add_argument("--quick", action="store_true", help="fewer pods in the scaling run")
+    args = parser.parse_args()
+    counts = [1, 2, 4] if args.quick else [1, 2, 4, 8, 16]
+    results: dict[str, Any] = {
+        "machine": {"kernel": platform.release(), "cpus": _cpus(), "accel": "tcg"},
+        "commit": measure.git_head(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with containerd_env(default_memory_mib=256) as env:
+        results["pod_start"] = measure.timed(
+            "pod start vs bare boot", lambda: measure.pod_start_vs_bare_boot(env, args.n)
+        )
+        results["burst"] = measure.timed("10 pods at once", lambda: measure.burst(env, 10))
+        results["memory"] = measure.timed(
+            "memory with 10 pods", lambda: measure.memory_with_pods(env, 10)
+        )
+        results["lifecycle_cpu"] = measure.timed(
+            "shim CPU per lifecycle", lambda: measure.lifecycle_cpu(env, args.n)
+        )
+        results["exec"] = measure.timed("exec round trip", lambda: measure.exec_round_trip(env, 20))
+        results["stdout"] = measure.timed(
+            "stdout throughput", lambda: measure.stdout_throughput(env, 50)
+        )
+        results["scaling"] = measure.timed("scaling", lambda: measure.scaling(env, counts))
+    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    _charts(results)
+    _print_targets(results)
+
+
+def _cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def _charts(results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["scaling"]
+    pods = [r["pods"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(pods, [r["start_s"] for r in rows], marker="o")
+    left.set(xlabel="pods running", ylabel="pod start (s)", title="Pod start as pods grow")
+    right.plot(pods, [r["shim_pss_per_pod_mib"] for r in rows], marker="o", label="shim")
+    right.plot(pods, [r["vmm_pss_per_pod_mib"] for r in rows], marker="o", label="VMM + helpers")
+    right.set(xlabel="pods running", ylabel="PSS per pod (MiB)", title="Host memory per pod")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "scaling.png", dpi=100)
+    plt.close(fig)
+
+
+def _print_targets(results: dict[str, Any]) -> None:
+    start, burst, memory = results["pod_start"], results["burst"], results["memory"]
+    exec_, cpu, stdout = results["exec"], results["lifecycle_cpu"], results["stdout"]
+    lines = [
+        ("shim memory per pod, 10 pods (≤ 5 MiB)", f"{memory['shim_pss_per_pod_mib']:.1f} MiB"),
+        ("pod start ÷ bare boot (≤ 1.15)", f"{start['ratio']:.2f}"),
+        ("10 pods at once ÷ 10 bare VMs (≤ 1.2)", f"{burst['ratio']:.2f}"),
+        ("shim CPU per lifecycle (≤ 100 ms)", f"{cpu['shim_cpu_s']['median'] * 1000:.0f} ms"),
+        (
+            "exec round trip - crun exec (≤ 20 ms)",
+            f"{exec_.get('overhead_s', float('nan')) * 1000:.0f} ms",
+        ),
+        ("stdout throughput (≥ 50 MB/s)", f"{stdout['mb_per_s']:.0f} MB/s"),
+        (
+            "VMM + helpers PSS per idle pod (≤ 48 MiB)",
+            f"{memory['vmm_pss_per_pod_mib']['median']:.1f} MiB",
+        ),
+    ]
+    for what, value in lines:
+        print(f"{what:48} {value}")
+
+
+if __name__ == "__main__":
+    main()

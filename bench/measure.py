@@ -1,0 +1,396 @@
+"""Measurements of the pod path, side by side in one run, through a private containerd.
+
+Each function takes the running environment and returns plain numbers; `bench/__main__.py`
+runs them, writes bench/results.json and draws the charts. All times are wall clock on
+this machine (QEMU TCG here), medians of N with min and max.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from shim.agent import AgentClient
+from shim.vmm.qemu import QemuVmm
+from tests.integration.cri import CriClient
+from tests.integration.ctr_fixtures import BUSYBOX, Env, shim_processes
+from tests.integration.vm_fixtures import qemu_options, vm_spec
+
+HANDLER = "cloudhv"
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+# -- host memory --------------------------------------------------------------------------
+
+
+def rollup(pid: int) -> dict[str, int]:
+    """smaps_rollup in KiB (empty for a process that is gone)."""
+    values: dict[str, int] = {}
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    except OSError:
+        return values
+    for line in lines:
+        key, value = line.split(":", 1)
+        values[key] = int(value.split()[0])
+    return values
+
+
+def processes_matching(*needles: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if all(n.encode() in cmdline for n in needles):
+            found.append(int(entry.name))
+    return found
+
+
+def shim_pss_kib(env: Env) -> tuple[int, int]:
+    """(PSS of every shim process: the pods' daemons and the shared parent, daemon count)."""
+    daemons = [pid for pid, _ in shim_processes(env.containerd)]
+    parents = processes_matching("shim.forker")
+    return sum(rollup(p).get("Pss", 0) for p in daemons + parents), len(daemons)
+
+
+def vmm_pss_kib(env: Env) -> list[int]:
+    """PSS of each pod's VMM plus its vsock helper, per pod."""
+    qemus = processes_matching("qemu-system", str(env.state_dir))
+    helpers = processes_matching("vhost-device-vsock", str(env.state_dir))
+    per_pod = []
+    for qemu in qemus:
+        vm_dir = _vm_dir(qemu)
+        helper = [h for h in helpers if vm_dir and vm_dir in _cmdline(h)]
+        per_pod.append(rollup(qemu).get("Pss", 0) + sum(rollup(h).get("Pss", 0) for h in helper))
+    return per_pod
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _vm_dir(qemu: int) -> str:
+    match = re.search(r"unix:(\S+)/qmp\.sock", _cmdline(qemu))
+    return match.group(1) if match else ""
+
+
+# -- pods through CRI -------------------------------------------------------------------
+
+
+class Pods:
+    """CRI pods made for a measurement, all removed by `close()`."""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.cri = CriClient(env.containerd.address)
+        self.pb = self.cri.pb
+        self.ids: list[str] = []
+        self._count = 0
+
+    def run(self, command: list[str], *, name: str = "") -> tuple[str, str, float, float]:
+        """(pod id, container id, RunPodSandbox s, RunPodSandbox → first log line s)."""
+        pb, rt = self.pb, self.cri.runtime
+        self._count += 1
+        name = name or f"m{self._count}"
+        log_dir = self.env.scratch / "logs" / name
+        log_dir.mkdir(parents=True, exist_ok=True)
+        config = pb.PodSandboxConfig(
+            metadata=pb.PodSandboxMetadata(name=name, uid=f"u-{name}", namespace="bench"),
+            hostname=name,
+            log_directory=str(log_dir),
+        )
+        started = time.monotonic()
+        pod = rt.RunPodSandbox(
+            pb.RunPodSandboxRequest(config=config, runtime_handler=HANDLER), timeout=300
+        ).pod_sandbox_id
+        ran = time.monotonic() - started
+        self.ids.append(pod)
+        container = pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name="app"),
+            image=pb.ImageSpec(image=BUSYBOX),
+            command=command,
+            log_path="app.log",
+        )
+        cid = rt.CreateContainer(
+            pb.CreateContainerRequest(pod_sandbox_id=pod, config=container, sandbox_config=config),
+            timeout=300,
+        ).container_id
+        rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=300)
+        log = log_dir / "app.log"
+        while not (log.exists() and log.stat().st_size > 0):
+            time.sleep(0.002)
+        return pod, cid, ran, time.monotonic() - started
+
+    def exec_sync(self, cid: str, cmd: list[str]) -> Any:
+        return self.cri.runtime.ExecSync(
+            self.pb.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=60), timeout=120
+        )
+
+    def remove(self, pod: str) -> None:
+        rt, pb = self.cri.runtime, self.pb
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=300)
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=300)
+        self.ids.remove(pod)
+
+    def close(self) -> None:
+        for pod in list(self.ids):
+            self.remove(pod)
+        self.cri.close()
+
+
+# -- the bare VM, the limit a pod start is held to ------------------------------------------
+
+
+async def _bare_boot(state_dir: Path) -> float:
+    vmm = QemuVmm(vm_spec(state_dir), qemu_options())
+    started = time.monotonic()
+    await vmm.start()
+    try:
+        loop = asyncio.get_running_loop()
+        await vmm.wait_vsock_ready(loop.time() + 120)
+        agent = await AgentClient.connect(vmm.agent_socket, deadline=loop.time() + 120)
+        try:
+            assert await agent.health()
+            return time.monotonic() - started
+        finally:
+            await agent.close()
+    finally:
+        await vmm.shutdown(timeout=5)
+
+
+def bare_boots(count: int, *, at_once: bool = False) -> list[float]:
+    """Seconds from VMM launch to agent Health, for `count` VMs one by one or all at once."""
+
+    async def run() -> list[float]:
+        with tempfile.TemporaryDirectory(prefix="cloudhv-bench-") as scratch:
+            dirs = [Path(scratch) / f"vm{i}" for i in range(count)]
+            if at_once:
+                return list(await asyncio.gather(*(_bare_boot(d) for d in dirs)))
+            return [await _bare_boot(d) for d in dirs]
+
+    return asyncio.run(run())
+
+
+# -- measurements -----------------------------------------------------------------------
+
+
+def pod_start_vs_bare_boot(env: Env, n: int) -> dict[str, Any]:
+    """RunPodSandbox → the first container's output in its log, against a bare boot of
+    the same kernel and rootfs on the same VMM to agent-ready; interleaved, N each."""
+    pods = Pods(env)
+    starts, bares, runs = [], [], []
+    try:
+        for _ in range(n):
+            bares += bare_boots(1)
+            pod, _, ran, to_log = pods.run(["sh", "-c", "echo first; sleep 600"])
+            starts.append(to_log)
+            runs.append(ran)
+            pods.remove(pod)
+    finally:
+        pods.close()
+    return {
+        "pod_start_s": summary(starts),
+        "run_pod_sandbox_s": summary(runs),
+        "bare_boot_s": summary(bares),
+        "ratio": statistics.median(starts) / statistics.median(bares),
+    }
+
+
+def burst(env: Env, count: int) -> dict[str, Any]:
+    """`count` pods started at once against `count` bare VMs booted at once (wall time
+    until all are ready)."""
+    started = time.monotonic()
+    bare = bare_boots(count, at_once=True)
+    bare_wall = time.monotonic() - started
+    pods = Pods(env)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            pods.run(["sh", "-c", "echo up; sleep 600"])
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    pods_wall = time.monotonic() - started
+    pods.close()
+    if errors:
+        raise errors[0]
+    return {
+        "count": count,
+        "pods_wall_s": pods_wall,
+        "bare_wall_s": bare_wall,
+        "bare_each_s": summary(bare),
+        "ratio": pods_wall / bare_wall,
+    }
+
+
+def memory_with_pods(env: Env, count: int) -> dict[str, Any]:
+    """With `count` idle busybox pods running: shim PSS per pod (every shim process,
+    the shared parent included) and VMM + helpers PSS per pod."""
+    pods = Pods(env)
+    try:
+        for _ in range(count):
+            pods.run(["sh", "-c", "echo idle; sleep 100000"])
+        time.sleep(3)
+        shim_total, daemons = shim_pss_kib(env)
+        vmm = vmm_pss_kib(env)
+        return {
+            "pods": count,
+            "daemons": daemons,
+            "shim_pss_per_pod_mib": shim_total / count / 1024,
+            "vmm_pss_per_pod_mib": summary([v / 1024 for v in vmm]),
+        }
+    finally:
+        pods.close()
+
+
+def _cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime + stime, cutime + cstime) of `pid`, in clock ticks."""
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def lifecycle_cpu(env: Env, n: int) -> dict[str, Any]:
+    """Shim CPU time for one pod lifecycle (run, one container, stop, remove): every
+    `start` and `delete` invocation (containerd's reaped children) plus the daemon."""
+    ticks_per_s = _clock_ticks()
+    containerd = env.containerd.process.pid
+    results = []
+    pods = Pods(env)
+    try:
+        for _ in range(n):
+            _, children_before = _cpu_ticks(containerd)
+            pod, _, _, _ = pods.run(["sh", "-c", "echo x; sleep 600"])
+            ((daemon, _),) = shim_processes(env.containerd)
+            daemon_ticks, _ = _cpu_ticks(daemon)
+            pods.remove(pod)
+            time.sleep(1)
+            _, children_after = _cpu_ticks(containerd)
+            results.append((children_after - children_before + daemon_ticks) / ticks_per_s)
+    finally:
+        pods.close()
+    return {"shim_cpu_s": summary(results)}
+
+
+def _clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def exec_round_trip(env: Env, n: int) -> dict[str, Any]:
+    """ExecSync(`true`) at the CRI client, and the in-guest crun exec (the agent's own
+    timing of ExecProcess on the console), so their difference is the shim's share."""
+    pods = Pods(env)
+    try:
+        pod, cid, _, _ = pods.run(["sh", "-c", "echo x; sleep 600"])
+        for _ in range(3):
+            pods.exec_sync(cid, ["true"])  # warm
+        times = []
+        for _ in range(n):
+            started = time.monotonic()
+            pods.exec_sync(cid, ["true"])
+            times.append(time.monotonic() - started)
+        console = next(env.state_dir.rglob("console.log")).read_text(errors="replace")
+        pattern = r"ExecProcess\S* .*?-> OK \((\d+\.\d+) ms\)"
+        crun = [float(m) / 1000 for m in re.findall(pattern, console)][-n:]
+        pods.remove(pod)
+    finally:
+        pods.close()
+    result: dict[str, Any] = {"exec_sync_s": summary(times)}
+    if crun:
+        result["crun_exec_s"] = summary(crun)
+        result["overhead_s"] = statistics.median(times) - statistics.median(crun)
+    return result
+
+
+def stdout_throughput(env: Env, megabytes: int) -> dict[str, Any]:
+    """A container writes `megabytes` MB to stdout: MB/s until its CRI log has it all."""
+    pods = Pods(env)
+    try:
+        produce = f"head -c {megabytes * 1_000_000} /dev/zero | tr '\\0' x"
+        command = ["sh", "-c", f"echo start; sleep 1; {produce}; echo; echo done"]
+        pod, _, _, _ = pods.run(command)
+        log = env.scratch / "logs" / f"m{pods._count}" / "app.log"
+        while b" stdout F start" not in log.read_bytes()[:200]:
+            time.sleep(0.01)
+        started = time.monotonic()
+        while not log.read_bytes().endswith(b" stdout F done\n"):
+            time.sleep(0.01)
+        elapsed = time.monotonic() - started - 1.0
+        pods.remove(pod)
+    finally:
+        pods.close()
+    return {"megabytes": megabytes, "seconds": elapsed, "mb_per_s": megabytes / elapsed}
+
+
+def scaling(env: Env, counts: Sequence[int]) -> list[dict[str, Any]]:
+    """Pod start latency and per-pod host memory with 1, 2, 4, ... pods already running."""
+    pods = Pods(env)
+    rows = []
+    try:
+        running = 0
+        for count in counts:
+            while running < count - 1:
+                pods.run(["sh", "-c", "echo idle; sleep 100000"])
+                running += 1
+            pod, _, _, to_log = pods.run(["sh", "-c", "echo measured; sleep 100000"])
+            running += 1
+            time.sleep(2)
+            shim_total, _ = shim_pss_kib(env)
+            vmm = vmm_pss_kib(env)
+            rows.append(
+                {
+                    "pods": running,
+                    "start_s": to_log,
+                    "shim_pss_per_pod_mib": shim_total / running / 1024,
+                    "vmm_pss_per_pod_mib": statistics.median(vmm) / 1024,
+                    "host_mib_per_pod": (shim_total + sum(vmm)) / running / 1024,
+                }
+            )
+    finally:
+        pods.close()
+    return rows
+
+
+def timed(label: str, fn: Callable[[], Any]) -> Any:
+    started = time.monotonic()
+    print(f"bench: {label} ...", flush=True)
+    result = fn()
+    print(f"bench: {label}: {time.monotonic() - started:.0f} s", flush=True)
+    return result
+
+
+def git_head() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
