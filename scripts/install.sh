@@ -113,6 +113,8 @@ else
   fi
 fi
 
+# From here on, stdout carries only the final assignments (fd 3); all else is stderr.
+exec 3>&1 >&2
 MANIFEST="$PREFIX/manifest"
 VENV="$PREFIX/venv"
 install -d -m 0755 "$PREFIX" "$BINDIR" "$DATADIR" "$SYSCONFDIR"
@@ -210,7 +212,7 @@ probe_key=$( {
 } | sha256sum | cut -c1-16)
 PROBE="$PREFIX/probe/$probe_key.json"
 if [ "$REPROBE" = 1 ] || [ ! -f "$PROBE" ]; then
-  "$VENV/bin/cloudhvctl" --config "$base" probe --write "$base.chosen"
+  "$VENV/bin/cloudhvctl" --config "$base" probe --write "$base.chosen" >&2
   rm -rf "$PREFIX/probe" && mkdir -p "$PREFIX/probe"
   mv "$base.chosen" "$PROBE"
 else
@@ -248,14 +250,16 @@ say "[6/6] containerd"
 if [ "$CONFIGURE_CONTAINERD" = 1 ]; then
   [ "$K3S" = 0 ] || CONTAINERD_CONFIG=/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl
   "$VENV/bin/cloudhvctl" containerd register --containerd-config "$CONTAINERD_CONFIG" \
-    --config-path "$CONFIG" --runtime-path "$BINDIR/containerd-shim-cloudhv-v1"
+    --config-path "$CONFIG" --runtime-path "$BINDIR/containerd-shim-cloudhv-v1" >&2
   grep -qxF "containerd-config $CONTAINERD_CONFIG" "$MANIFEST" \
     || echo "containerd-config $CONTAINERD_CONFIG" >> "$MANIFEST"
 else
   echo "not registered with containerd (pass --configure-containerd, or see docs/configuration.md)" >&2
 fi
 echo "install: done in $(( $(date +%s) - t0 ))s; check the host with: $BINDIR/cloudhvctl doctor" >&2
-echo "CLOUDHV_SHIM_BIN=$BINDIR/containerd-shim-cloudhv-v1"
-echo "CLOUDHV_CTL=$BINDIR/cloudhvctl"
-echo "CLOUDHV_CONFIG=$CONFIG"
-[ -z "${CLOUDHV_VENV:-}" ] || echo "CLOUDHV_VENV=$CLOUDHV_VENV"
+{
+  echo "CLOUDHV_SHIM_BIN=$BINDIR/containerd-shim-cloudhv-v1"
+  echo "CLOUDHV_CTL=$BINDIR/cloudhvctl"
+  echo "CLOUDHV_CONFIG=$CONFIG"
+  [ -z "${CLOUDHV_VENV:-}" ] || echo "CLOUDHV_VENV=$CLOUDHV_VENV"
+} >&3
