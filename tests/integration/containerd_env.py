@@ -233,7 +233,7 @@ def running_containerd(
     (root / "cni" / "net.d" / "10-cloudhv-test.conflist").write_text(json.dumps(CNI_CONFLIST))
     # containerd (and so CNI's bridge and every pod) lives in a namespace this test made:
     # nothing touches the host's own network.
-    netns = f"cloudhv-test-{os.getpid()}-{root.name[-8:]}"
+    netns = f"cloudhv-test-{os.getpid()}-{root.parent.name[-10:]}-{root.name[-8:]}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
     config = config_file or root / "config.toml"
