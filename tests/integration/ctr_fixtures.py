@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.bundle import socket_path
 from tests.integration.busybox_tree import make_busybox_tree
 from tests.integration.containerd_env import (
     V1_6,
@@ -45,8 +47,24 @@ class Env:
                 found.append(f"mount {target}")
         for pid, cmdline in shim_processes(self.containerd):
             found.append(f"shim {pid}: {cmdline[:100]}")
-        found += [f"shim socket {p}" for p in shim_sockets() - self.sockets_before]
+        found += [f"shim socket {p}" for p in self.own_sockets()]
         return found
+
+    def own_sockets(self) -> list[Path]:
+        """Shim sockets of this containerd still on disk. /run/containerd/s is shared by
+        every containerd on the host (other test runs too), so a new file there is ours
+        only if our daemons logged serving it, or its name is the hash of this
+        containerd's address with a task id its log names."""
+        log = (self.containerd.root / "containerd.log").read_text(errors="replace")
+        served = set(re.findall(r"socket=(/run/containerd/s/[0-9a-f]{64})\b", log))
+        ids = set(re.findall(r"\bid=\"?([A-Za-z0-9][A-Za-z0-9_.-]*)", log))
+        named = {
+            str(socket_path(str(self.containerd.address), namespace, task_id))
+            for namespace in ("default", "k8s.io")
+            for task_id in ids
+        }
+        new = shim_sockets() - self.sockets_before
+        return sorted(p for p in new if str(p) in served | named)
 
     def restart_containerd(self, down_s: float = 4.0) -> None:
         """containerd goes away for `down_s` seconds and comes back; pods keep running."""
