@@ -5,6 +5,11 @@
 # and no network. Usage: scripts/make-payload.sh OUT_DIR
 set -euo pipefail
 OUT=${1:?usage: scripts/make-payload.sh OUT_DIR}
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null && exec sudo -E bash "$0" "$@"
+  echo "$(basename "$0"): must run as root, and sudo is not installed: run it as root" >&2
+  exit 1
+fi
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 eval "$(bash scripts/install.sh --build-only)"

@@ -5,6 +5,11 @@
 # io.containerd.cloudhv.v1`, and print what it printed. Options go to install.sh; the
 # rest after `--` is the command to run in the container.
 set -euo pipefail
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null && exec sudo -E bash "$0" "$@"
+  echo "$(basename "$0"): must run as root, and sudo is not installed: run it as root" >&2
+  exit 1
+fi
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 install_args=()

@@ -7,7 +7,11 @@ CACHE_DIR=${CLOUDHV_CACHE:-/var/cache/cloudhv}
 APT=(apt-get -o DPkg::Lock::Timeout=600 -y --no-install-recommends)
 export DEBIAN_FRONTEND=noninteractive
 
-[ "$(id -u)" = 0 ] || { echo "setup.sh: must run as root" >&2; exit 1; }
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null && exec sudo -E bash "$0" "$@"
+  echo "setup.sh: must run as root, and sudo is not installed: run it as root" >&2
+  exit 1
+fi
 mkdir -p "$CACHE_DIR"
 
 # Debian packages of bookworm.

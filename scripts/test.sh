@@ -3,6 +3,11 @@
 # lint and types, unit tests, then the root-only integration tests on real QEMU VMs and
 # a real containerd. Extra arguments go to pytest.
 set -euo pipefail
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null && exec sudo -E bash "$0" "$@"
+  echo "$(basename "$0"): must run as root, and sudo is not installed: run it as root" >&2
+  exit 1
+fi
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 
