@@ -19,11 +19,13 @@ PACKAGES=(
   qemu-system-x86 containerd runc containernetworking-plugins crun
   musl-tools linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev
   busybox-static e2fsprogs iproute2 util-linux kmod procps xz-utils ca-certificates
+  iptables
 )
 
 # sid and trixie are added with a pin below every bookworm package, so they are
-# used only for what we name explicitly: vhost-device-vsock (sid) and the CRI
-# api .proto (trixie, downloaded, never installed).
+# used only for what we name explicitly: vhost-device-vsock (sid), and from trixie
+# the CRI api .proto and the guest's crun with its libraries (downloaded and
+# extracted, never installed).
 ensure_extra_suites() {
   local changed=0
   if [ ! -f /etc/apt/sources.list.d/cloudhv-extra.sources ]; then

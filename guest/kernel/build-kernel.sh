@@ -17,6 +17,11 @@ JOBS=${JOBS:-$(nproc)}
 src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
 key=$( { echo "$src_version"; cat "$FRAGMENT" "$HERE/build-kernel.sh"; } | sha256sum | cut -c1-16)
 OUT="$CACHE/kernel-$key"
+mkdir -p "$CACHE"
+# One build per key at a time: a second checkout building the same inputs waits for
+# the first instead of deleting its work dir.
+exec 9>"$OUT.lock"
+flock 9
 if [ -f "$OUT/vmlinux" ]; then
   echo "kernel: cached $OUT/vmlinux" >&2
   echo "$OUT/vmlinux"
