@@ -23,21 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration import guest_artifacts
 from tests.integration.containerd_env import REPO, V1_7, V2_1, ContainerdVersion
 from tests.integration.cri import CriClient
 from tests.integration.ctr_fixtures import BUSYBOX, Env, containerd_env, shim_processes
 from tests.integration.test_cri import Pod
 
 RUNTIME = "io.containerd.cloudhv.v1"
-# containerd 1.7 and 2.x write OCI specs of runtime-spec 1.2, which crun reads from its
-# 1.14 series on; bookworm's crun (1.8) refuses them ("unknown version specified").
-# Strict: the day the guest carries a newer crun these must pass, and do.
-pytestmark = pytest.mark.xfail(
-    guest_artifacts.crun_version() < (1, 14),
-    reason="the guest's crun predates runtime-spec 1.2 (needs the guest with trixie's crun)",
-    strict=True,
-)
 
 
 @pytest.fixture(scope="module", params=[V1_7, V2_1], ids=lambda v: f"containerd-{v.name}")
