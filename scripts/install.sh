@@ -115,6 +115,7 @@ fi
 
 # From here on, stdout carries only the final assignments (fd 3); all else is stderr.
 exec 3>&1 >&2
+t1=$(date +%s)
 MANIFEST="$PREFIX/manifest"
 VENV="$PREFIX/venv"
 install -d -m 0755 "$PREFIX" "$BINDIR" "$DATADIR" "$SYSCONFDIR"
@@ -256,7 +257,9 @@ if [ "$CONFIGURE_CONTAINERD" = 1 ]; then
 else
   echo "not registered with containerd (pass --configure-containerd, or see docs/configuration.md)" >&2
 fi
-echo "install: done in $(( $(date +%s) - t0 ))s; check the host with: $BINDIR/cloudhvctl doctor" >&2
+t2=$(date +%s)
+echo "install: done in $(( t2 - t0 ))s (dependencies and builds $(( t1 - t0 ))s, installing" \
+     "$(( t2 - t1 ))s); check the host with: $BINDIR/cloudhvctl doctor" >&2
 {
   echo "CLOUDHV_SHIM_BIN=$BINDIR/containerd-shim-cloudhv-v1"
   echo "CLOUDHV_CTL=$BINDIR/cloudhvctl"

@@ -93,10 +93,12 @@ def _pod_output(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if not line.startswith("(host kernel")]
 
 
-def _install_seconds(stderr: str) -> int:
-    match = re.search(r"install: done in (\d+)s", stderr)
+def _install_seconds(stderr: str) -> tuple[int, int]:
+    """(the whole install.sh, its installing part: package, guest, config, registration)."""
+    match = re.search(r"install: done in (\d+)s \(dependencies and builds \d+s, installing (\d+)s",
+                      stderr)
     assert match, stderr[-3000:]
-    return int(match.group(1))
+    return int(match.group(1)), int(match.group(2))
 
 
 def _ours(root: Path) -> list[str]:
@@ -129,10 +131,16 @@ def test_quickstart_on_a_fresh_clone_then_without_it_then_uninstalled(scratch: P
     assert any(line.startswith("guest kernel: 6.1.") for line in output), first.stdout
     second = _run(quickstart, timeout=600)
     assert _pod_output(second.stdout) == output
-    assert _install_seconds(second.stderr) <= 15, second.stderr[-3000:]
-    assert "package: cached" in second.stderr and "probe: cached" in second.stderr
-    print(f"install: first run {_install_seconds(first.stderr)} s, "
-          f"second {_install_seconds(second.stderr)} s")
+    # The dependency and build checks share locks and caches with every other checkout on
+    # the host (they may wait for one), so only the installing part is held to a bound.
+    (first_total, first_install), (second_total, second_install) = (
+        _install_seconds(first.stderr), _install_seconds(second.stderr))
+    assert second_install <= 10 and second_install < first_install, second.stderr[-3000:]
+    for cached in ("kernel: cached", "rootfs: cached", "package: cached", "probe: cached",
+                   "config: unchanged", "nothing to change: already registered"):
+        assert cached in second.stderr, cached
+    print(f"install.sh: first run {first_total} s (installing {first_install} s), "
+          f"second {second_total} s (installing {second_install} s)")
 
     # 2. Without the clone.
     shutil.rmtree(clone)
