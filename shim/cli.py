@@ -200,8 +200,9 @@ def _launch_daemon(args: Args, pod_id: str, path: Path, fds: tuple[int, int, int
         pid = forker.request_daemon(_daemon_flags(args, pod_id, path), os.environ, fds)
         return _Daemon(pid)
     except forker.ForkerUnavailable:
-        if not forker.socket_path().exists():
-            forker.launch()
+        # None answered: none runs, or a killed one left its socket. A new one serves
+        # the next pod (it exits at once if another holds the forker's lock).
+        forker.launch()
     proc = subprocess.Popen(
         _daemon_argv(args, pod_id, path, fds),
         stdin=subprocess.DEVNULL,

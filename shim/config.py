@@ -81,6 +81,11 @@ class CloudHypervisorConfig:
     __pydantic_config__ = _FORBID_EXTRA
 
     binary: Path = Path("/usr/local/bin/cloud-hypervisor")
+    # Landlock confines CH to the pod's own paths (docs/cloud-hypervisor.md).
+    landlock: bool = True
+    # Devices plugged at once. CH places them on PCI segment 0: 32 slots, of which the
+    # host bridge, the root disk, vsock and rng take 4.
+    hotplug_slots: Annotated[int, Range(ge=1, le=28)] = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,7 +146,63 @@ def load(path: Path) -> Config:
         raise ConfigError(f"config {path}: invalid JSON at line {err.lineno}: {err.msg}") from err
     except RecursionError:
         raise ConfigError(f"config {path}: JSON nested too deeply") from None
-    return parse(data, f"config {path}")
+    config = parse(data, f"config {path}")
+    check_host(config, f"config {path}")
+    return config
+
+
+HYPERVISOR_DEVICES = (Path("/dev/kvm"), Path("/dev/mshv"))
+
+
+def check_host(
+    config: Config, source: str = "config", *, devices: Sequence[Path] = HYPERVISOR_DEVICES
+) -> None:
+    """What a valid config needs of this host before a VM can start, checked now rather
+    than at a pod's first boot. For Cloud Hypervisor: its binary, the guest kernel and
+    rootfs, a hypervisor (KVM or MSHV), and values its API can carry. Raises
+    ConfigError naming each field."""
+    if config.vmm != "cloud-hypervisor":
+        return
+    from shim.vmm import ch_api
+
+    problems = [
+        problem
+        for problem in (
+            _file_problem("cloud_hypervisor.binary", config.cloud_hypervisor.binary, os.X_OK),
+            _file_problem("kernel_path", config.kernel_path, os.R_OK),
+            _file_problem("rootfs_path", config.rootfs_path, os.R_OK),
+        )
+        if problem
+    ]
+    if not any(device.exists() for device in devices):
+        names = " or ".join(str(d) for d in devices)
+        problems.append(f"vmm: 'cloud-hypervisor' needs {names}; none exists on this host")
+    cmdline = len(ch_api.kernel_cmdline(config.kernel_args).encode())
+    if cmdline >= ch_api.CMDLINE_MAX:
+        problems.append(
+            f"kernel_args: {cmdline} bytes with the console; Cloud Hypervisor takes "
+            f"at most {ch_api.CMDLINE_MAX - 1}"
+        )
+    if config.default_max_vcpus > ch_api.MAX_VCPUS:
+        problems.append(
+            f"default_max_vcpus: at most {ch_api.MAX_VCPUS} with Cloud Hypervisor "
+            f"(got {config.default_max_vcpus})"
+        )
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def _file_problem(name: str, path: Path, access: int) -> str:
+    what = "executable" if access == os.X_OK else "readable"
+    if not path.is_absolute():
+        return f"{name}: must be an absolute path (got {str(path)!r})"
+    if not path.exists():
+        return f"{name}: {path} does not exist"
+    if not path.is_file():
+        return f"{name}: {path} is not a regular file"
+    if not os.access(path, access):
+        return f"{name}: {path} is not {what}"
+    return ""
 
 
 def parse(data: Any, source: str = "config") -> Config:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -114,22 +115,33 @@ def launch(key: str | None = None) -> None:
 
 def main() -> int:
     path = Path(sys.argv[sys.argv.index("--socket") + 1])
+    SOCKET_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The lock is held for the forker's life: whoever holds it serves, and a socket
+    # found without its holder is a killed forker's, removed so a new one can serve.
+    # A POSIX lock: forked daemons do not inherit it. Taken before the imports, so a
+    # forker launched while one serves costs little.
+    lock = os.open(f"{path}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return 0  # another forker of this version serves already
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
     import gc
 
     # What every daemon imports, imported once here. The VMM backends are imported
     # lazily by the daemon, so they are named explicitly.
     import shim.daemon
+    import shim.vmm.cloud_hypervisor
     import shim.vmm.qemu
 
     del shim
-
-    SOCKET_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
         listener.bind(str(path))
     except OSError:
-        return 0  # another forker of this version serves already
+        return 0
     finally:
         os.umask(old_umask)
     listener.listen(64)

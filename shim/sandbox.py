@@ -37,7 +37,7 @@ from shim.resource import step
 from shim.session import AgentSession
 from shim.spec import PodOptions
 from shim.state import PodState, ProcRef, ResourceRecord, StateStore, pod_key
-from shim.vmm.base import Vmm, VmSpec
+from shim.vmm.base import HostDir, Vmm, VmSpec
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,10 @@ class Sandbox:
             vcpus=size.vcpus,
             max_vcpus=size.max_vcpus,
             memory_mib=size.memory_mib,
+            host_dirs=(
+                HostDir(self.work_dir, writable=True),
+                HostDir(self.config.cache_dir, writable=False),
+            ),
         )
         await self.save(
             vm_dir=str(vm_dir), vcpus=size.vcpus, memory_mib=size.memory_mib, booted_at=time.time()

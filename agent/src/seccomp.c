@@ -10,7 +10,6 @@
 	"{\"names\":[\"socket\"],\"action\":\"SCMP_ACT_ERRNO\",\"errnoRet\":1,"              \
 	"\"args\":[{\"index\":0,\"value\":40,\"op\":\"SCMP_CMP_EQ\"}]}"
 #define NOT_VSOCK "{\"index\":0,\"value\":40,\"op\":\"SCMP_CMP_NE\"}"
-#define PERMISSIVE "{\"defaultAction\":\"SCMP_ACT_ALLOW\",\"syscalls\":[" DENY_RULE "]}"
 
 _Static_assert(AF_VSOCK == 40, "AF_VSOCK is 40 in the rules above");
 
@@ -145,11 +144,14 @@ int seccomp_deny_vsock(struct jdoc *d, int root, int linux_, struct err *e)
 		return -1;
 	if (allow)
 		return 0;
+	/* No profile is the user's "unconfined": no filter at all, as runc gives it
+	 * (critest checks for Seccomp: 0). The agent still refuses every guest peer
+	 * and the guest has no vsock loopback, so such a container cannot reach it. */
 	if (linux_ < 0)
-		return json_set(d, root, "linux", "{\"seccomp\":" PERMISSIVE "}", e);
+		return 0;
 	int sc = json_get(d, linux_, "seccomp");
 	if (sc < 0 || d->n[sc].type == J_NULL)
-		return json_set(d, linux_, "seccomp", PERMISSIVE, e);
+		return 0;
 	if (d->n[sc].type != J_OBJ)
 		return err_set(e, C_INVALID_ARGUMENT, "spec: linux.seccomp is not an object");
 	int syscalls = json_get(d, sc, "syscalls");

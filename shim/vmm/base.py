@@ -46,6 +46,15 @@ class NetSpec:
 
 
 @dataclass(frozen=True)
+class HostDir:
+    """A directory whose files may be plugged into the VM later (container disks, cached
+    images): a VMM confined to the pod's own paths must be allowed into it from boot."""
+
+    path: Path
+    writable: bool
+
+
+@dataclass(frozen=True)
 class VmSpec:
     """Everything needed to boot one pod VM."""
 
@@ -56,6 +65,7 @@ class VmSpec:
     vcpus: int
     max_vcpus: int
     memory_mib: int
+    host_dirs: tuple[HostDir, ...] = ()
 
 
 @dataclass(frozen=True)

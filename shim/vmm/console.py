@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 LIMIT_BYTES = 1 << 20
 CHUNK = 1 << 16
+# Printed by agent/src/main.c once it listens: dialling after it never races the boot.
+AGENT_READY_MARK = b"agent: ready: ttrpc on vsock"
 
 
 class ConsoleLog:

@@ -23,6 +23,18 @@ def create_vmm(config: Config, spec: VmSpec) -> Vmm:
                 hotplug_slots=config.qemu.hotplug_slots,
             ),
         )
+    if config.vmm == "cloud-hypervisor":
+        from shim.vmm.cloud_hypervisor import ChOptions, CloudHypervisorVmm
+
+        return CloudHypervisorVmm(
+            spec,
+            ChOptions(
+                binary=config.cloud_hypervisor.binary,
+                landlock=config.cloud_hypervisor.landlock,
+                hotplug_slots=config.cloud_hypervisor.hotplug_slots,
+                verbose=config.debug,
+            ),
+        )
     raise VmmError(
-        f"vmm {config.vmm!r} is not available in this build; allowed values: 'qemu'"
+        f"vmm {config.vmm!r} is not available; allowed values: 'qemu', 'cloud-hypervisor'"
     )

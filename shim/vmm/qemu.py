@@ -8,6 +8,11 @@ root port `rp<n>`.
 
 Host files live in `VmSpec.state_dir`; host processes are QEMU and the vsock
 backend, both recorded in `VmProcesses` for crash cleanup.
+
+The options beyond the defaults (boot disks, where the serial port and the hybrid
+vsock socket go, guest reboots, QMP events) let the Cloud Hypervisor stand-in in
+tests/chsim carry out a CH VM config on this backend instead of a QEMU driver of
+its own.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import os
 import shutil
 import signal
 import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
@@ -35,7 +41,7 @@ from shim.vmm.base import (
     VmSpec,
     ignore_process,
 )
-from shim.vmm.console import ConsoleLog
+from shim.vmm.console import AGENT_READY_MARK, ConsoleLog
 from shim.vmm.procs import process_start_time
 
 log = logging.getLogger(__name__)
@@ -44,8 +50,13 @@ log = logging.getLogger(__name__)
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 
 GUEST_CID = 3  # each VM has its own vsock backend, so every guest can use the same CID
-AGENT_READY_MARK = b"agent: ready: ttrpc on vsock"  # printed by agent/src/main.c
 UNPLUG_TIMEOUT_S = 10.0
+
+# "log": the serial port on a socket this backend reads into console.log (capped);
+# "socket": served on `serial_path` for someone else to read; "file": written to
+# `serial_path`; "null": a serial port whose output is dropped; "off": none.
+SerialMode = Literal["log", "socket", "file", "null", "off"]
+QmpEvent = Callable[[str, Mapping[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,15 @@ class QemuOptions:
     accel: str  # "tcg" | "kvm"
     vsock_backend: Path
     hotplug_slots: int = 8
+    # Disks attached at boot, the first as /dev/vda; empty: the spec's rootfs, read-only.
+    boot_disks: tuple[DiskSpec, ...] = ()
+    serial: SerialMode = "log"
+    serial_path: Path | None = None
+    vsock_socket: Path | None = None  # the hybrid-vsock socket; default: in state_dir
+    guest_cid: int = GUEST_CID
+    reboot: bool = False  # a guest reboot restarts the guest in place instead of ending QEMU
+    launcher: tuple[str, ...] = ()  # argv prefix for QEMU and the vsock backend
+    on_event: QmpEvent | None = None  # hears every QMP event (name, data)
 
 
 class QemuVmm(Vmm):
@@ -66,12 +86,13 @@ class QemuVmm(Vmm):
         self._qmp: QMPClient | None = None
         self._exit_status: int | None = None
         self._reaper: asyncio.Task[int] | None = None
+        self._events: asyncio.Task[None] | None = None
         self._console = ConsoleLog(self._dir / "console.log")
 
     # -- paths -------------------------------------------------------------
     @property
     def agent_socket(self) -> Path:
-        return self._dir / "vsock.sock"
+        return self._options.vsock_socket or self._dir / "vsock.sock"
 
     @property
     def _vhost_socket(self) -> Path:
@@ -87,6 +108,8 @@ class QemuVmm(Vmm):
 
     @property
     def _console_socket(self) -> Path:
+        if self._options.serial == "socket" and self._options.serial_path is not None:
+            return self._options.serial_path
         return self._dir / "console.sock"
 
     @property
@@ -105,7 +128,10 @@ class QemuVmm(Vmm):
         spec, opts = self._spec, self._options
         accel_cpu = "host" if opts.accel == "kvm" else "max"
         mem = f"{spec.memory_mib}M"
+        # The serial console is ttyS0 unless the caller's command line names one.
+        console_arg = "" if "console=" in spec.kernel_args else "console=ttyS0 "
         cmd = [
+            *opts.launcher,
             str(opts.binary),
             "-name", f"cloudhv-{spec.state_dir.name}",
             "-machine", f"q35,accel={opts.accel},memory-backend=mem0",
@@ -114,13 +140,21 @@ class QemuVmm(Vmm):
             "-m", mem,
             # vhost-user needs guest memory the backend can map: a shared memfd.
             "-object", f"memory-backend-memfd,id=mem0,size={mem},share=on",
-            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-chardev", f"socket,id=console0,path={self._console_socket},server=on,wait=off",
-            "-serial", "chardev:console0",
+            "-nodefaults", "-no-user-config", "-nographic",
+            *(() if opts.reboot else ("-no-reboot",)),
+            *self._serial_args(),
             "-kernel", str(spec.kernel),
-            "-append", f"console=ttyS0 {spec.kernel_args}",
-            "-drive", f"file={spec.rootfs},if=none,id=rootfs,format=raw,readonly=on",
-            "-device", "virtio-blk-pci,drive=rootfs,serial=cloudhv-rootfs",
+            "-append", f"{console_arg}{spec.kernel_args}",
+        ]
+        for disk in self._boot_disks():
+            readonly = "on" if disk.read_only else "off"
+            serial = f",serial={disk.serial}" if disk.serial else ""
+            cmd += [
+                "-drive",
+                f"file={disk.path},if=none,id=boot-{disk.id},format=raw,readonly={readonly}",
+                "-device", f"virtio-blk-pci,drive=boot-{disk.id}{serial}",
+            ]
+        cmd += [
             "-chardev", f"socket,id=vsock0,path={self._vhost_socket}",
             "-device", "vhost-user-vsock-pci,chardev=vsock0",
             "-qmp", f"unix:{self._qmp_socket},server=on,wait=off",
@@ -128,6 +162,23 @@ class QemuVmm(Vmm):
         for index in range(opts.hotplug_slots):
             cmd += ["-device", f"pcie-root-port,id=rp{index},bus=pcie.0,chassis={index + 1},slot=0"]
         return cmd
+
+    def _boot_disks(self) -> tuple[DiskSpec, ...]:
+        if self._options.boot_disks:
+            return self._options.boot_disks
+        return (DiskSpec("rootfs", self._spec.rootfs, "cloudhv-rootfs", read_only=True),)
+
+    def _serial_args(self) -> list[str]:
+        mode, path = self._options.serial, self._options.serial_path
+        if mode in ("log", "socket"):
+            chardev = f"socket,id=console0,path={self._console_socket},server=on,wait=off"
+        elif mode == "file":
+            chardev = f"file,id=console0,path={path}"
+        elif mode == "null":
+            chardev = "null,id=console0"
+        else:
+            return []
+        return ["-chardev", chardev, "-serial", "chardev:console0"]
 
     async def start(self, on_process: ProcessSpawned = ignore_process) -> VmProcesses:
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -139,8 +190,9 @@ class QemuVmm(Vmm):
         try:
             self._vsock = await _spawn(
                 [
+                    *self._options.launcher,
                     str(self._options.vsock_backend),
-                    "--guest-cid", str(GUEST_CID),
+                    "--guest-cid", str(self._options.guest_cid),
                     "--socket", str(self._vhost_socket),
                     "--uds-path", str(self.agent_socket),
                 ],
@@ -155,9 +207,13 @@ class QemuVmm(Vmm):
             self._qemu = await _spawn(argv, self._dir / "qemu.log")
             self._reaper = asyncio.create_task(self._reap())
             await _announce(on_process, "vmm", self._qemu.pid)
-            await self._wait_for_path(self._console_socket, self._qemu, "QEMU", deadline)
-            await self._console.attach(self._console_socket, deadline)
+            if self._options.serial in ("log", "socket"):
+                await self._wait_for_path(self._console_socket, self._qemu, "QEMU", deadline)
+            if self._options.serial == "log":
+                await self._console.attach(self._console_socket, deadline)
             self._qmp = await self._connect_qmp(deadline)
+            if self._options.on_event is not None:
+                self._events = asyncio.create_task(self._forward_events(self._options.on_event))
         except BaseException as error:
             detail = self._log_tail()
             await self.shutdown(timeout=1.0)
@@ -184,6 +240,17 @@ class QemuVmm(Vmm):
                     raise VmmError(f"connect QMP socket {self._qmp_socket}: {error}") from error
                 await asyncio.sleep(0.01)
 
+    async def _forward_events(self, on_event: QmpEvent) -> None:
+        assert self._qmp is not None
+        with self._qmp.listener() as listener:
+            async for event in listener:
+                data = event.get("data")
+                on_event(str(event.get("event")), data if isinstance(data, dict) else {})
+
+    async def reset(self) -> None:
+        """Reset the guest, as a reboot from inside it would."""
+        await self._execute("system_reset", {})
+
     def processes(self) -> VmProcesses:
         helpers: list[tuple[int, int]] = []
         if self._vsock is not None:
@@ -200,6 +267,11 @@ class QemuVmm(Vmm):
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Quit QEMU (SIGKILL after `timeout`), stop the vsock backend, remove host files."""
+        if self._events is not None:
+            self._events.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._events
+            self._events = None
         if self._qmp is not None:
             with contextlib.suppress(QMPError, OSError, TimeoutError):
                 async with asyncio.timeout(timeout):

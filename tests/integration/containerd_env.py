@@ -44,6 +44,10 @@ class ContainerdVersion:
 V1_6 = ContainerdVersion("1.6", Path("/usr/bin"), 2)
 V1_7 = ContainerdVersion("1.7", CACHE / "containerd-trixie" / "usr" / "bin", 2)
 V2_1 = ContainerdVersion("2.1", CACHE / "containerd-sid" / "usr" / "bin", 3)
+CH_STANDIN = REPO / "tests" / "chsim" / "cloud-hypervisor"
+# The VMM backends the containerd suites run through: QEMU, and Cloud Hypervisor as
+# the spec-checking stand-in (tests/chsim) plays it.
+VMMS = ("qemu", "cloud-hypervisor")
 
 CONFIG_TOML = """\
 version = 2
@@ -138,13 +142,14 @@ CNI_CONFLIST = {
 }
 
 
-def shim_config(state_dir: Path, **overrides: object) -> dict[str, object]:
+def shim_config(state_dir: Path, vmm: str = "qemu", **overrides: object) -> dict[str, object]:
     config: dict[str, object] = {
-        "vmm": "qemu",
+        "vmm": vmm,
         "qemu": {"accel": os.environ.get("CLOUDHV_ACCEL", "tcg"), "hotplug_slots": 8},
+        "cloud_hypervisor": {"binary": str(CH_STANDIN), "hotplug_slots": 8},
         "kernel_path": str(guest_artifacts.kernel()),
         "rootfs_path": str(guest_artifacts.rootfs()),
-        "kernel_args": "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 quiet",
+        "kernel_args": "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 no_timer_check quiet",
         "default_vcpus": 1,
         "default_memory_mib": 256,
         "state_dir": str(state_dir),
@@ -317,8 +322,10 @@ def _unmount_under(root: Path) -> None:
         subprocess.run(["umount", "-l", target], check=False)
 
 
-def write_shim_config(path: Path, state_dir: Path, **overrides: object) -> Path:
-    path.write_text(json.dumps(shim_config(state_dir, **overrides), indent=2))
+def write_shim_config(
+    path: Path, state_dir: Path, vmm: str = "qemu", **overrides: object
+) -> Path:
+    path.write_text(json.dumps(shim_config(state_dir, vmm, **overrides), indent=2))
     return path
 
 
@@ -334,7 +341,8 @@ def leftovers(state_dir: Path, root: Path) -> list[str]:
             continue
         with contextlib.suppress(OSError):
             cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if str(state_dir) in cmdline and ("qemu" in cmdline or "vhost-device-vsock" in cmdline):
+            vm_program = ("qemu", "vhost-device-vsock", "chsim", "cloud-hypervisor")
+            if str(state_dir) in cmdline and any(name in cmdline for name in vm_program):
                 found.append(f"process {pid_dir.name}: {cmdline[:120]}")
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         target = line.split()[4]

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shim.bundle import socket_path
 from tests.integration.busybox_tree import make_busybox_tree
 from tests.integration.containerd_env import (
     V1_6,
@@ -38,6 +37,11 @@ class Env:
     state_dir: Path  # the shim's state_dir (config)
     scratch: Path
     sockets_before: frozenset[Path] = frozenset()
+    vmm: str = "qemu"  # the config's VMM backend
+
+    @property
+    def config_path(self) -> Path:
+        return self.scratch / "shim.json"
 
     def leftovers(self) -> list[str]:
         found = leftovers(self.state_dir, self.containerd.root)
@@ -47,24 +51,11 @@ class Env:
                 found.append(f"mount {target}")
         for pid, cmdline in shim_processes(self.containerd):
             found.append(f"shim {pid}: {cmdline[:100]}")
-        found += [f"shim socket {p}" for p in self.own_sockets()]
+        ours = _sockets_of(self.containerd)
+        found += [
+            f"shim socket {p}" for p in shim_sockets() - self.sockets_before if p.name in ours
+        ]
         return found
-
-    def own_sockets(self) -> list[Path]:
-        """Shim sockets of this containerd still on disk. /run/containerd/s is shared by
-        every containerd on the host (other test runs too), so a new file there is ours
-        only if our daemons logged serving it, or its name is the hash of this
-        containerd's address with a task id its log names."""
-        log = (self.containerd.root / "containerd.log").read_text(errors="replace")
-        served = set(re.findall(r"socket=(/run/containerd/s/[0-9a-f]{64})\b", log))
-        ids = set(re.findall(r"\bid=\"?([A-Za-z0-9][A-Za-z0-9_.-]*)", log))
-        named = {
-            str(socket_path(str(self.containerd.address), namespace, task_id))
-            for namespace in ("default", "k8s.io")
-            for task_id in ids
-        }
-        new = shim_sockets() - self.sockets_before
-        return sorted(p for p in new if str(p) in served | named)
 
     def restart_containerd(self, down_s: float = 4.0) -> None:
         """containerd goes away for `down_s` seconds and comes back; pods keep running."""
@@ -87,6 +78,13 @@ def shim_sockets() -> frozenset[Path]:
     return frozenset(SHIM_SOCKET_DIR.iterdir())
 
 
+def _sockets_of(containerd: Containerd) -> set[str]:
+    """Names of the shim sockets this containerd's shims used, from its debug log (the
+    shims log their socket): /run/containerd/s is shared with other test runs."""
+    log = (containerd.root / "containerd.log").read_text(errors="replace")
+    return set(re.findall(r"/run/containerd/s/([0-9a-f]{64})", log))
+
+
 def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
     """Our shim daemons serving this containerd (their argv names its socket)."""
     found = []
@@ -102,12 +100,19 @@ def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
 
 @contextlib.contextmanager
 def containerd_env(
-    *, version: ContainerdVersion = V1_6, shim: Path | None = None, **config_overrides: object
+    vmm: str = "qemu",
+    *,
+    version: ContainerdVersion = V1_6,
+    shim: Path | None = None,
+    **config_overrides: object,
 ) -> Iterator[Env]:
+    """A private containerd of `version` with our runtime (`shim`, default this
+    checkout's), the shim configured for `vmm` ("qemu", or "cloud-hypervisor": the
+    stand-in in tests/chsim as the binary)."""
     scratch = Path(tempfile.mkdtemp(prefix="chv-", dir="/run"))
     try:
         state_dir = scratch / "state"
-        config = write_shim_config(scratch / "shim.json", state_dir, **config_overrides)
+        config = write_shim_config(scratch / "shim.json", state_dir, vmm, **config_overrides)
         tree = make_busybox_tree(scratch / "tree")
         busybox = build_image([tree], BUSYBOX, ["sh"], scratch / "busybox.tar")
         pause = build_image([tree], PAUSE, ["sleep", "2147483647"], scratch / "pause.tar")
@@ -122,6 +127,7 @@ def containerd_env(
                 state_dir=state_dir,
                 scratch=scratch,
                 sockets_before=shim_sockets(),
+                vmm=vmm,
             )
             try:
                 yield env

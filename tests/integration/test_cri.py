@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -12,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.integration.containerd_env import VMMS
 from tests.integration.cri import CriClient
 from tests.integration.ctr_fixtures import BUSYBOX, Env, containerd_env, shim_processes
 from tests.integration.stream_client import stream
@@ -19,9 +21,10 @@ from tests.integration.stream_client import stream
 HANDLER = "cloudhv"
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
-    with containerd_env(max_containers_per_vm=5) as env:
+@pytest.fixture(scope="module", params=VMMS)
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    """The suite runs once with QEMU and once with Cloud Hypervisor (the stand-in)."""
+    with containerd_env(request.param, max_containers_per_vm=5) as env:
         yield env
 
 
@@ -246,6 +249,27 @@ def test_bad_annotation_is_refused_naming_the_key(cri: CriClient, env: Env) -> N
     with pytest.raises(grpc.RpcError) as refused:
         Pod(cri, env, "bad", annotations={key: "lots"})
     assert key in refused.value.details()
+    assert env.wait_clean() == []
+
+
+@pytest.mark.only_vmm("cloud-hypervisor")
+def test_a_bad_cloud_hypervisor_config_is_named_before_any_vm_starts(
+    cri: CriClient, env: Env
+) -> None:
+    """The config is read when a pod's shim starts: a missing binary fails RunPodSandbox
+    naming the field, and nothing was started."""
+    good = env.config_path.read_text()
+    config = json.loads(good)
+    config["cloud_hypervisor"]["binary"] = "/nonexistent/cloud-hypervisor"
+    env.config_path.write_text(json.dumps(config))
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            Pod(cri, env, "badconfig")
+    finally:
+        env.config_path.write_text(good)
+    assert "cloud_hypervisor.binary: /nonexistent/cloud-hypervisor does not exist" in (
+        refused.value.details()
+    )
     assert env.wait_clean() == []
 
 

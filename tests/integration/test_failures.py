@@ -22,18 +22,27 @@ import grpc
 import pytest
 
 from shim.agent import AgentClient
-from tests.integration.containerd_env import SHIM_BIN_DIR
+from shim.vmm.ch_http import ChHttp
+from tests.integration.containerd_env import SHIM_BIN_DIR, VMMS
 from tests.integration.cri import CriClient
 from tests.integration.ctr_fixtures import BUSYBOX, Env, containerd_env, shim_processes
 from tests.integration.test_cri import Pod
 
 RUNTIME = "io.containerd.cloudhv.v1"
 CGROUP_PARENT = f"/cloudhv-test-{os.getpid()}"
+CH_PROCESS = "chsim/main.py"  # the Cloud Hypervisor stand-in's command line
+only_ch = pytest.mark.only_vmm("cloud-hypervisor")
+# Containerd and stdio behaviour, the same whatever the VMM: run with QEMU only.
+only_qemu = pytest.mark.only_vmm("qemu")
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
-    with containerd_env(agent_health_interval_s=2, agent_reconnect_timeout_s=2) as env:
+@pytest.fixture(scope="module", params=VMMS)
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    """Once with QEMU, once with Cloud Hypervisor (the stand-in), but for the tests marked
+    for one backend."""
+    with containerd_env(
+        request.param, agent_health_interval_s=2, agent_reconnect_timeout_s=2
+    ) as env:
         yield env
 
 
@@ -107,7 +116,10 @@ def test_the_vm_is_charged_to_the_sandbox_cgroup(cri: CriClient, env: Env) -> No
         qemu = vm_processes(env, "qemu-system")
         vsock = vm_processes(env, "vhost-device-vsock")
         assert len(qemu) == 1 and len(vsock) == 1
-        for pid in (*qemu, *vsock):
+        # The stand-in runs the VM on QEMU; CH itself is then the process charged.
+        ch = vm_processes(env, CH_PROCESS)
+        assert len(ch) == (1 if env.vmm == "cloud-hypervisor" else 0)
+        for pid in (*qemu, *vsock, *ch):
             cgroups = Path(f"/proc/{pid}/cgroup").read_text()
             assert f"memory:{CGROUP_PARENT}/charged/{pod.id}" in cgroups, cgroups
             assert f"pids:{CGROUP_PARENT}/charged/{pod.id}" in cgroups, cgroups
@@ -115,11 +127,18 @@ def test_the_vm_is_charged_to_the_sandbox_cgroup(cri: CriClient, env: Env) -> No
         pod.remove()
 
 
-@pytest.mark.parametrize("victim", ["qemu-system", "vhost-device-vsock"])
+@pytest.mark.parametrize(
+    "victim",
+    [
+        "qemu-system",
+        "vhost-device-vsock",
+        pytest.param(CH_PROCESS, marks=only_ch, id="cloud-hypervisor"),
+    ],
+)
 def test_vmm_or_helper_death_reports_every_task_exited_at_once(
     cri: CriClient, env: Env, victim: str
 ) -> None:
-    pod = pod_in_cgroup(cri, env, f"dies-{victim[:4]}")
+    pod = pod_in_cgroup(cri, env, f"dies-{victim.split('/')[0][:4]}")
     try:
         pod.container("a", ["sleep", "600"])
         pod.container("b", ["sleep", "600"])
@@ -156,6 +175,24 @@ def test_guest_poweroff_reports_every_task_exited(cri: CriClient, env: Env) -> N
         asyncio.run(power_off())
         exited = cri.pb.CONTAINER_EXITED
         wait_until(lambda: container_states(cri, pod) == {"a": exited}, 10, "a exited")
+    finally:
+        pod.remove()
+
+
+@only_ch
+def test_a_guest_reboot_ends_the_pod_at_once(cri: CriClient, env: Env) -> None:
+    """CH restarts a rebooting guest (a panic with panic=-1 reboots) in place, without
+    the agent's state: its `rebooting` event ends the VM. Here CH is asked to reboot
+    the VM, which is the same reset to CH."""
+    pod = pod_in_cgroup(cri, env, "reboot")
+    try:
+        pod.container("a", ["sleep", "600"])
+        (api_socket,) = env.state_dir.rglob("api.sock")
+        asyncio.run(ChHttp(api_socket).call("PUT", "vm.reboot"))
+        exited = cri.pb.CONTAINER_EXITED
+        took = wait_until(lambda: container_states(cri, pod) == {"a": exited}, 10, "a exited")
+        assert took < 2.0, f"the reboot was noticed only after {took:.2f}s"
+        assert vm_processes(env, CH_PROCESS) == []
     finally:
         pod.remove()
 
@@ -240,6 +277,7 @@ def test_second_delete_after_a_crash_is_harmless(cri: CriClient, env: Env) -> No
         pod.remove()
 
 
+@only_qemu
 def test_containerd_restart_keeps_pods_and_loses_no_event(cri: CriClient, env: Env) -> None:
     pod = pod_in_cgroup(cri, env, "restart")
     try:
@@ -277,6 +315,7 @@ def _cri_ready(client: CriClient) -> bool:
     return True
 
 
+@only_qemu
 def test_slow_reader_gets_every_byte_and_others_keep_flowing(env: Env) -> None:
     """A ctr task's stdout reader stops for 10 s while the container writes 20 MB; it
     then gets all 20 MB, and another container's output flows meanwhile."""

@@ -13,7 +13,7 @@ from shim.vmm.base import VmSpec
 from shim.vmm.qemu import QemuOptions, QemuVmm
 from tests.integration import guest_artifacts
 
-KERNEL_ARGS = "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 quiet"
+KERNEL_ARGS = "root=/dev/vda ro rootfstype=ext4 init=/init panic=-1 no_timer_check quiet"
 ACCEL = os.environ.get("CLOUDHV_ACCEL", "tcg")
 
 

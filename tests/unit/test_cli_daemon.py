@@ -285,6 +285,36 @@ def test_bad_config_fails_start_clearly(
     ]
 
 
+def test_cloud_hypervisor_config_is_checked_before_any_vm_starts(
+    setup: tuple[Path, dict[str, str], list[str]], tmp_path: Path
+) -> None:
+    """A missing binary or kernel fails `start` naming the field: no daemon, no VM."""
+    bundle, env, flags = setup
+    bad = tmp_path / "ch.json"
+    state_dir = tmp_path / "ch-state"
+    bad.write_text(json.dumps({
+        "vmm": "cloud-hypervisor",
+        "cloud_hypervisor": {"binary": str(tmp_path / "no-such-ch")},
+        "kernel_path": "/nonexistent/vmlinux",
+        "rootfs_path": str(REPO / "config" / "cloudhv.json"),
+        "kernel_args": "quiet",
+        "state_dir": str(state_dir),
+    }))
+    out = _shim(bundle, *flags, "start", env={**env, "CLOUDHV_CONFIG": str(bad)})
+    assert out.returncode == 1
+    err = out.stderr.decode()
+    assert f"cloud_hypervisor.binary: {tmp_path / 'no-such-ch'} does not exist" in err
+    assert "kernel_path: /nonexistent/vmlinux does not exist" in err
+    assert "rootfs_path" not in err
+    assert not state_dir.exists()
+    flag_values = dict(zip(flags[::2], flags[1::2], strict=True))
+    sock = socket_path(flag_values["-address"], flag_values["-namespace"], flag_values["-id"])
+    assert not sock.exists()
+    assert not [
+        pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_has(pid, str(sock))
+    ]
+
+
 def _cmdline_has(pid: str, text: str) -> bool:
     try:
         return text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()

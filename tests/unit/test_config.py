@@ -179,3 +179,86 @@ def test_unreadable_config_is_a_named_error(tmp_path: Path, content: bytes, why:
     with pytest.raises(config.ConfigError, match=why) as err:
         config.load(path)
     assert str(path) in str(err.value)
+
+
+def _ch_config(tmp_path: Path, **changes: object) -> dict[str, object]:
+    binary = tmp_path / "cloud-hypervisor"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    kernel, rootfs = tmp_path / "vmlinux", tmp_path / "rootfs.ext4"
+    kernel.write_bytes(b"k")
+    rootfs.write_bytes(b"r")
+    data: dict[str, object] = {
+        **MINIMAL,
+        "vmm": "cloud-hypervisor",
+        "cloud_hypervisor": {"binary": str(binary)},
+        "kernel_path": str(kernel),
+        "rootfs_path": str(rootfs),
+    }
+    data.update(changes)
+    return data
+
+
+def test_cloud_hypervisor_defaults() -> None:
+    cfg = config.parse({**MINIMAL, "vmm": "cloud-hypervisor"})
+    assert cfg.cloud_hypervisor.landlock is True
+    assert cfg.cloud_hypervisor.hotplug_slots == 16
+    with pytest.raises(config.ConfigError, match=r"cloud_hypervisor\.hotplug_slots: .*28"):
+        config.parse({**MINIMAL, "cloud_hypervisor": {"hotplug_slots": 29}})
+
+
+def test_cloud_hypervisor_host_checks_pass_for_a_usable_host(tmp_path: Path) -> None:
+    cfg = config.parse(_ch_config(tmp_path))
+    config.check_host(cfg, devices=[tmp_path / "vmlinux"])  # any existing path stands in
+
+
+def test_a_missing_binary_or_kernel_is_named(tmp_path: Path) -> None:
+    data = _ch_config(
+        tmp_path,
+        cloud_hypervisor={"binary": str(tmp_path / "nope")},
+        kernel_path=str(tmp_path),
+        rootfs_path="rootfs.ext4",
+    )
+    with pytest.raises(config.ConfigError) as err:
+        config.check_host(config.parse(data), "config /x.json", devices=[tmp_path])
+    msg = str(err.value)
+    assert msg.startswith("config /x.json: ") and "\n" not in msg
+    assert f"cloud_hypervisor.binary: {tmp_path / 'nope'} does not exist" in msg
+    assert f"kernel_path: {tmp_path} is not a regular file" in msg
+    assert "rootfs_path: must be an absolute path (got 'rootfs.ext4')" in msg
+
+
+def test_a_binary_that_cannot_run_is_named(tmp_path: Path) -> None:
+    data = _ch_config(tmp_path)
+    Path(str(data["cloud_hypervisor"]["binary"])).chmod(0o644)  # type: ignore[index]
+    with pytest.raises(config.ConfigError, match=r"cloud_hypervisor\.binary: .* is not executable"):
+        config.check_host(config.parse(data), devices=[tmp_path])
+
+
+def test_kvm_or_mshv_is_required_but_either_will_do(tmp_path: Path) -> None:
+    cfg = config.parse(_ch_config(tmp_path))
+    kvm, mshv = tmp_path / "kvm", tmp_path / "mshv"
+    with pytest.raises(config.ConfigError, match=f"needs {kvm} or {mshv}; none exists"):
+        config.check_host(cfg, devices=[kvm, mshv])
+    mshv.touch()  # an Azure host: MSHV, no KVM
+    config.check_host(cfg, devices=[kvm, mshv])
+
+
+def test_settings_cloud_hypervisor_cannot_take_are_refused(tmp_path: Path) -> None:
+    data = _ch_config(tmp_path, kernel_args="x" * 70000, default_max_vcpus=9000)
+    with pytest.raises(config.ConfigError) as err:
+        config.check_host(config.parse(data), devices=[tmp_path])
+    assert "kernel_args: 70014 bytes with the console; Cloud Hypervisor takes at most 65535" in str(
+        err.value
+    )
+    assert "default_max_vcpus: at most 8192 with Cloud Hypervisor (got 9000)" in str(err.value)
+
+
+def test_load_checks_the_host_for_cloud_hypervisor_only(tmp_path: Path) -> None:
+    bad = {**MINIMAL, "vmm": "cloud-hypervisor", "kernel_path": "/nonexistent/vmlinux"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(config.ConfigError, match=f"config {path}: .*kernel_path: /nonexistent"):
+        config.load(path)
+    path.write_text(json.dumps({**bad, "vmm": "qemu"}))  # QEMU finds out at boot, as before
+    assert config.load(path).vmm == "qemu"

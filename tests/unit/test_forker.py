@@ -98,3 +98,35 @@ def test_forked_daemon_is_not_the_forkers_child(sock_dir: Path, tmp_path: Path) 
 def test_no_forker_means_unavailable(sock_dir: Path) -> None:
     with pytest.raises(forker.ForkerUnavailable):
         forker.request_daemon([], {}, (0, 1, 2), path=sock_dir / "nobody.sock")
+
+
+def test_a_killed_forkers_socket_does_not_keep_a_new_one_out(sock_dir: Path) -> None:
+    """SIGKILL leaves the socket file behind; the next forker takes over, and a second
+    one launched while it serves exits at once."""
+    path = sock_dir / "forker.sock"
+    boot = f"import sys; sys.path.insert(0, {str(REPO)!r}); from shim.forker import main; main()"
+    argv = [sys.executable, "-sE", "-c", boot, "--socket", str(path), " " * forker.ARGV_ROOM]
+
+    def serving(proc: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(path))
+                return
+            time.sleep(0.05)
+
+    first = subprocess.Popen(argv)
+    serving(first)
+    first.kill()
+    first.wait()
+    assert path.exists()  # the killed forker's socket stays
+    second = subprocess.Popen(argv)
+    try:
+        serving(second)
+        third = subprocess.Popen(argv)
+        assert third.wait(30) == 0  # one serves already
+        assert second.poll() is None
+    finally:
+        second.kill()
+        second.wait()
