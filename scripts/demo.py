@@ -1,5 +1,7 @@
 """The quickstart demo: a private containerd (own root, sockets and network namespace),
-a locally built busybox image, and `ctr run` through the cloudhv runtime.
+a locally built busybox image, and `ctr run` through the installed cloudhv runtime
+($CLOUDHV_SHIM_BIN, default /usr/local/bin/containerd-shim-cloudhv-v1, with the config
+$CLOUDHV_CONFIG).
 
 Usage: python scripts/demo.py [command...]   (default: prints a greeting, the guest kernel
 and the host kernel, to show the container ran in a VM)
@@ -18,6 +20,7 @@ from tests.integration.containerd_env import RUNTIME, import_image, running_cont
 from tests.integration.oci_image import build_image
 
 CONFIG = Path(os.environ.get("CLOUDHV_CONFIG", "/etc/cloudhv/config.json"))
+SHIM = Path(os.environ.get("CLOUDHV_SHIM_BIN", "/usr/local/bin/containerd-shim-cloudhv-v1"))
 IMAGE = "localhost/cloudhv/busybox:latest"
 
 
@@ -28,7 +31,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cloudhv-demo-", dir="/run") as scratch:
         root = Path(scratch)
         image = build_image([make_busybox_tree(root / "tree")], IMAGE, ["sh"], root / "busybox.tar")
-        with running_containerd(root / "containerd", CONFIG) as containerd:
+        with running_containerd(root / "containerd", CONFIG, shim=SHIM) as containerd:
             import_image(containerd, image)
             result = containerd.ctr(
                 "run", "--rm", "--runtime", RUNTIME, IMAGE, "cloudhv-demo", *command, check=False

@@ -1,27 +1,26 @@
 #!/usr/bin/env bash
-# From a fresh Debian 12 machine (as root): install what is missing, build the guest
-# kernel, rootfs and shim, install them, then run a container in its own microVM
-# with `ctr run --runtime io.containerd.cloudhv.v1` and print what it printed.
+# From a fresh Debian 12 machine (as root): install the runtime (scripts/install.sh:
+# packages, the guest build, the shim package, the config), then run a container in its
+# own microVM through a private containerd with `ctr run --runtime
+# io.containerd.cloudhv.v1`, and print what it printed. Options go to install.sh; the
+# rest after `--` is the command to run in the container.
 set -euo pipefail
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null && exec sudo -E bash "$0" "$@"
+  echo "$(basename "$0"): must run as root, and sudo is not installed: run it as root" >&2
+  exit 1
+fi
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
+install_args=()
+while [ $# -gt 0 ] && [ "$1" != -- ]; do install_args+=("$1"); shift; done
+[ "${1:-}" != -- ] || shift
 
-echo "== installing dependencies (idempotent)"
-VENV=$(bash scripts/setup.sh)
-# The build and the tests use this venv, whatever /var/cache/cloudhv/venv points at.
-export CLOUDHV_VENV="$VENV"
-echo "== building the guest and the shim (cached by input hash)"
-artifacts=$(bash scripts/build.sh)  # fails the script if a build fails
-eval "$artifacts"
+echo "== installing the cloudhv runtime (scripts/install.sh; cached after the first run)"
+installed=$(bash scripts/install.sh "${install_args[@]}")
+eval "$installed"
+"$CLOUDHV_CTL" --config "$CLOUDHV_CONFIG" doctor || true
 
-echo "== installing into /usr/share/cloudhv, /etc/cloudhv and /usr/local/bin"
-install -d -m 0755 /usr/share/cloudhv /etc/cloudhv
-install -m 0644 "$CLOUDHV_KERNEL" /usr/share/cloudhv/vmlinux
-install -m 0644 "$CLOUDHV_ROOTFS" /usr/share/cloudhv/rootfs.ext4
-if [ ! -f /etc/cloudhv/config.json ]; then
-  install -m 0644 config/cloudhv.json /etc/cloudhv/config.json
-fi
-ln -sfn "$CLOUDHV_SHIM" /usr/local/bin/containerd-shim-cloudhv-v1
-
-echo "== running a container in a microVM"
-PYTHONPATH="$REPO" "$VENV/bin/python" scripts/demo.py "$@"
+echo "== running a container in a microVM (the installed runtime, a private containerd)"
+CLOUDHV_CONFIG="$CLOUDHV_CONFIG" CLOUDHV_SHIM_BIN="$CLOUDHV_SHIM_BIN" PYTHONPATH="$REPO" \
+  "$CLOUDHV_VENV/bin/python" scripts/demo.py "$@"

@@ -7,7 +7,11 @@ CACHE_DIR=${CLOUDHV_CACHE:-/var/cache/cloudhv}
 APT=(apt-get -o DPkg::Lock::Timeout=600 -y --no-install-recommends)
 export DEBIAN_FRONTEND=noninteractive
 
-[ "$(id -u)" = 0 ] || { echo "setup.sh: must run as root" >&2; exit 1; }
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null && exec sudo -E bash "$0" "$@"
+  echo "setup.sh: must run as root, and sudo is not installed: run it as root" >&2
+  exit 1
+fi
 mkdir -p "$CACHE_DIR"
 
 # Debian packages of bookworm.
@@ -81,6 +85,31 @@ if [ ! -f "$CRI_DIR/.done" ]; then
   for d in "$CRI_DIR"/debs/*.deb; do dpkg-deb -x "$d" "$CRI_DIR/root"; done
   touch "$CRI_DIR/.done"
 fi
+
+# containerd 1.7 (trixie) and 2.x (sid) for the smoke tests: extracted, never installed,
+# into $CACHE_DIR/containerd-<suite>-<version>, with containerd-<suite> naming the current one.
+exec 9>"$CACHE_DIR/containerd-extract.lock"  # two checkouts set up at once
+flock 9
+for suite in trixie sid; do
+  link="$CACHE_DIR/containerd-$suite"
+  [ -x "$link/usr/bin/containerd" ] && continue
+  version=$(apt-cache show "containerd/$suite" 2>/dev/null | sed -n 's/^Version: //p' | head -1)
+  if [ -z "$version" ]; then
+    apt-get -o DPkg::Lock::Timeout=600 update -qq 2>&1 | grep -v '^W:' >&2 || true
+    version=$(apt-cache show "containerd/$suite" 2>/dev/null | sed -n 's/^Version: //p' | head -1)
+  fi
+  [ -n "$version" ] || { echo "setup: no containerd package in $suite" >&2; exit 1; }
+  dir="$CACHE_DIR/containerd-$suite-${version//[^A-Za-z0-9.+-]/_}"
+  if [ ! -x "$dir/usr/bin/containerd" ]; then
+    echo "setup: extracting containerd $version ($suite)" >&2
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download "containerd=$version" >&2)
+    rm -rf "$dir.tmp" && dpkg-deb -x "$tmp"/containerd_*.deb "$dir.tmp"
+    rm -rf "$tmp" "$dir" && mv "$dir.tmp" "$dir"
+  fi
+  ln -sfn "$dir" "$link"
+done
+exec 9>&-
 
 # nanopb C runtime, the version that matches the pinned PyPI generator (0.4.7).
 NANOPB_DIR="$CACHE_DIR/nanopb-0.4.7"

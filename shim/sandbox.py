@@ -226,7 +226,9 @@ class Sandbox:
                 HostDir(self.config.cache_dir, writable=False),
             ),
         )
-        await self.save(vm_dir=str(vm_dir))
+        await self.save(
+            vm_dir=str(vm_dir), vcpus=size.vcpus, memory_mib=size.memory_mib, booted_at=time.time()
+        )
         # No VM means no disk in use: anything in the work dir is a dead pod's garbage.
         await asyncio.to_thread(_clear_dir, self.work_dir)
         self._vm_exit = None
@@ -349,7 +351,7 @@ class Sandbox:
         shared_fs, self._shared_fs = self._shared_fs, None
         if shared_fs is not None:  # after the VMM: virtiofsd serves it to the end
             await shared_fs.detach(self)
-        await self.save(vmm=None, helpers=())
+        await self.save(vmm=None, helpers=(), booted_at=0.0)
         portfwd, self._portfwd = self._portfwd, None
         if portfwd is not None:
             await portfwd.detach(self)

@@ -69,6 +69,10 @@ class PodState:
     resources: tuple[ResourceRecord, ...] = ()
     containers: tuple[str, ...] = ()  # task ids, the sandbox's included
     bundles: dict[str, str] = field(default_factory=dict)  # task id -> bundle path
+    # The VM's size and when it booted (Unix time, seconds): for `cloudhvctl ps`.
+    vcpus: int = 0
+    memory_mib: int = 0
+    booted_at: float = 0.0
 
     def replace(self, **changes: Any) -> PodState:
         return dataclasses.replace(self, **changes)
@@ -93,6 +97,9 @@ def from_json(text: str) -> PodState:
             resources=tuple(_resource(r) for r in raw.get("resources") or ()),
             containers=tuple(str(c) for c in raw.get("containers") or ()),
             bundles={str(k): str(v) for k, v in (raw.get("bundles") or {}).items()},
+            vcpus=int(raw.get("vcpus", 0)),
+            memory_mib=int(raw.get("memory_mib", 0)),
+            booted_at=float(raw.get("booted_at", 0.0)),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise StateError(f"invalid pod state: {err!r}") from err

@@ -16,9 +16,15 @@ SUITE=${CRUN_SUITE:-trixie}
 PACKAGES=(crun libc6 libcap2 libseccomp2 libsystemd0 libyajl2)
 
 # The debs are extracted (never installed) into a directory keyed by their versions.
+# One apt-cache call for all of them: each call loads apt's whole cache (seconds).
+declare -A version_of=()
+while read -r name version; do
+  [ -n "${version_of[$name]:-}" ] || version_of[$name]=$version
+done < <(apt-cache show "${PACKAGES[@]/%//$SUITE}" 2>/dev/null \
+           | awk '/^Package:/ {p=$2} /^Version:/ {print p, $2}')
 pinned=()
 for p in "${PACKAGES[@]}"; do
-  v=$(apt-cache show "$p/$SUITE" 2>/dev/null | awk '/^Version:/ {print $2; exit}')
+  v=${version_of[$p]:-}
   [ -n "$v" ] || {
     echo "rootfs: apt has no $p in $SUITE; scripts/setup.sh adds that source" >&2
     exit 1

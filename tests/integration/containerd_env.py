@@ -1,4 +1,5 @@
-"""A private, real containerd 1.6 (Debian package) with the cloudhv runtime registered."""
+"""A private, real containerd with the cloudhv runtime registered: 1.6 (bookworm's, the
+host's own), or 1.7 (trixie) and 2.1 (sid), extracted by scripts/setup.sh into the cache."""
 
 from __future__ import annotations
 
@@ -18,6 +19,31 @@ from tests.integration import guest_artifacts
 REPO = Path(__file__).resolve().parents[2]
 SHIM_BIN_DIR = REPO / "build" / "bin"
 RUNTIME = "io.containerd.cloudhv.v1"
+CACHE = Path(os.environ.get("CLOUDHV_CACHE", "/var/cache/cloudhv"))
+
+
+@dataclass(frozen=True)
+class ContainerdVersion:
+    name: str
+    bin_dir: Path  # containerd, ctr and containerd-shim-runc-v2
+    config_version: int  # 2: containerd 1.x; 3: containerd 2.x
+
+    @property
+    def binary(self) -> Path:
+        return self.bin_dir / "containerd"
+
+    @property
+    def ctr(self) -> Path:
+        return self.bin_dir / "ctr"
+
+    def check(self) -> None:
+        if not os.access(self.binary, os.X_OK):
+            raise RuntimeError(f"containerd {self.name}: no {self.binary} (run scripts/setup.sh)")
+
+
+V1_6 = ContainerdVersion("1.6", Path("/usr/bin"), 2)
+V1_7 = ContainerdVersion("1.7", CACHE / "containerd-trixie" / "usr" / "bin", 2)
+V2_1 = ContainerdVersion("2.1", CACHE / "containerd-sid" / "usr" / "bin", 3)
 CH_STANDIN = REPO / "tests" / "chsim" / "cloud-hypervisor"
 # The VMM backends the containerd suites run through: QEMU, and Cloud Hypervisor as
 # the spec-checking stand-in (tests/chsim) plays it.
@@ -55,6 +81,45 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       pod_annotations = ["io.cloudhv.*", "io.katacontainers.*"]
       container_annotations = ["io.cloudhv.container.*"]
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cloudhv.options]
+        ConfigPath = "{shim_config}"
+"""
+
+
+# containerd 2.x: config version 3, where CRI is split into an images and a runtime plugin.
+CONFIG_TOML_V3 = """\
+version = 3
+root = "{root}/root"
+state = "{root}/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.erofs"]
+[grpc]
+  address = "{root}/containerd.sock"
+[ttrpc]
+  address = "{root}/containerd.sock.ttrpc"
+[debug]
+  level = "debug"
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "overlayfs"
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = "localhost/test/pause:1"
+[plugins.'io.containerd.cri.v1.runtime']
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "{root}/cni/net.d"
+    max_conf_num = {max_conf_num}
+  [plugins.'io.containerd.cri.v1.runtime'.containerd]
+    default_runtime_name = "runc"
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.cloudhv]
+      runtime_type = "{runtime}"
+      runtime_path = "{shim}"
+      pod_annotations = ["io.cloudhv.*", "io.katacontainers.*"]
+      container_annotations = ["io.cloudhv.container.*"]
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.cloudhv.options]
         ConfigPath = "{shim_config}"
 """
 
@@ -149,6 +214,9 @@ class Containerd:
     process: subprocess.Popen[bytes]
     netns: str
     namespace: str = "default"
+    version: ContainerdVersion = V1_6
+    shim_dir: Path = SHIM_BIN_DIR
+    config: Path = Path()
 
     @property
     def address(self) -> Path:
@@ -162,7 +230,8 @@ class Containerd:
         namespace: str | None = None,
         input: bytes | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        argv = ["ctr", "--address", str(self.address), "-n", namespace or self.namespace, *args]
+        argv = [str(self.version.ctr), "--address", str(self.address),
+                "-n", namespace or self.namespace, *args]
         result = subprocess.run(
             argv,
             capture_output=True,
@@ -182,6 +251,14 @@ class Containerd:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def base_config(root: Path) -> str:
+    """The version 2 config of running_containerd without the cloudhv runtime, for an
+    installer to register it in."""
+    text = CONFIG_TOML.format(root=root, runtime=RUNTIME, shim="", shim_config="")
+    ours = '    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cloudhv]'
+    return text[: text.index(ours)]
+
+
 def ensure_shim_wrapper() -> Path:
     subprocess.run(["bash", str(REPO / "scripts" / "build-shim.sh")], check=True)
     return SHIM_BIN_DIR / "containerd-shim-cloudhv-v1"
@@ -189,13 +266,25 @@ def ensure_shim_wrapper() -> Path:
 
 @contextlib.contextmanager
 def running_containerd(
-    root: Path, shim_config_path: Path, cni: Sequence[dict[str, object]] = (CNI_CONFLIST,)
+    root: Path,
+    shim_config_path: Path,
+    cni: Sequence[dict[str, object]] = (CNI_CONFLIST,),
+    *,
+    version: ContainerdVersion = V1_6,
+    shim: Path | None = None,
+    config_file: Path | None = None,
 ) -> Iterator[Containerd]:
     """Start containerd with a private root/state/sockets; stop it and unmount its state.
 
     `cni` are the conflists of the test-only CNI conf dir, in order: each one is a
-    network of every pod (eth0, eth1, ...)."""
-    shim = ensure_shim_wrapper()
+    network of every pod (eth0, eth1, ...). `shim` is the shim binary (default: this
+    checkout's wrapper); containerd 1.7 and 2.x run it from runtime_path, 1.6 finds it
+    on PATH, where its directory goes first. `config_file`: containerd's config as
+    written elsewhere (base_config() plus what an installer added), instead of the
+    template with the runtime in it.
+    """
+    version.check()
+    shim = shim or ensure_shim_wrapper()
     (root / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
     for index, conflist in enumerate(cni):
         (root / "cni" / "net.d" / f"{10 + index}-cloudhv-test.conflist").write_text(
@@ -204,21 +293,29 @@ def running_containerd(
     # containerd (and so CNI's bridge and every pod) lives in a namespace this test made:
     # nothing touches the host's own network.
     # Named after the scratch dir too: one test process may run several containerds.
-    netns = f"cloudhv-test-{os.getpid()}-{root.parent.name[-8:]}-{root.name[-8:]}"
+    netns = f"cloudhv-test-{os.getpid()}-{root.parent.name[-10:]}-{root.name[-8:]}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-    config = root / "config.toml"
-    config.write_text(
-        CONFIG_TOML.format(
-            root=root,
-            runtime=RUNTIME,
-            shim=shim,
-            shim_config=shim_config_path,
-            max_conf_num=len(cni),
+    config = config_file or root / "config.toml"
+    if config_file is None:
+        template = CONFIG_TOML_V3 if version.config_version == 3 else CONFIG_TOML
+        config.write_text(
+            template.format(
+                root=root,
+                runtime=RUNTIME,
+                shim=shim,
+                shim_config=shim_config_path,
+                max_conf_num=len(cni),
+            )
         )
+    containerd = Containerd(
+        root=root,
+        process=_start(root, config, netns, shim_config_path, version, shim.parent),
+        netns=netns,
+        version=version,
+        shim_dir=shim.parent,
+        config=config,
     )
-    containerd = Containerd(root=root, process=_start(root, config, netns, shim_config_path),
-                            netns=netns)
     try:
         yield containerd
     finally:
@@ -227,14 +324,22 @@ def running_containerd(
         subprocess.run(["ip", "netns", "delete", netns], check=False)
 
 
-def _start(root: Path, config: Path, netns: str, shim_config_path: Path) -> subprocess.Popen[bytes]:
+def _start(
+    root: Path,
+    config: Path,
+    netns: str,
+    shim_config_path: Path,
+    version: ContainerdVersion,
+    shim_dir: Path,
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
-    env["PATH"] = f"{SHIM_BIN_DIR}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    path = env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    env["PATH"] = f"{shim_dir}:{version.bin_dir}:{path}"
     env["CLOUDHV_CONFIG"] = str(shim_config_path)
     (root / "containerd.sock").unlink(missing_ok=True)
     with open(root / "containerd.log", "ab") as log:
         process = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{netns}", "containerd", "--config", str(config)],
+            ["nsenter", f"--net=/run/netns/{netns}", str(version.binary), "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -263,7 +368,12 @@ def restart(containerd: Containerd, shim_config_path: Path, down_s: float = 0.0)
     _stop(containerd.process)
     time.sleep(down_s)
     containerd.process = _start(
-        containerd.root, containerd.root / "config.toml", containerd.netns, shim_config_path
+        containerd.root,
+        containerd.config,
+        containerd.netns,
+        shim_config_path,
+        containerd.version,
+        containerd.shim_dir,
     )
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from tests.integration.busybox_tree import make_busybox_tree
 from tests.integration.containerd_env import (
     CNI_CONFLIST,
+    V1_6,
     Containerd,
+    ContainerdVersion,
     cleanup_dir,
     import_image,
     leftovers,
@@ -101,11 +103,14 @@ def shim_processes(containerd: Containerd) -> list[tuple[int, str]]:
 def containerd_env(
     vmm: str = "qemu",
     cni: Sequence[dict[str, object]] = (CNI_CONFLIST,),
+    *,
+    version: ContainerdVersion = V1_6,
+    shim: Path | None = None,
     **config_overrides: object,
 ) -> Iterator[Env]:
-    """A private containerd with our runtime, the shim configured for `vmm` ("qemu", or
-    "cloud-hypervisor": the stand-in in tests/chsim as the binary), and `cni`'s
-    conflists in its CNI conf dir."""
+    """A private containerd of `version` with our runtime (`shim`, default this
+    checkout's), the shim configured for `vmm` ("qemu", or "cloud-hypervisor": the
+    stand-in in tests/chsim as the binary), and `cni`'s conflists in its CNI conf dir."""
     scratch = Path(tempfile.mkdtemp(prefix="chv-", dir="/run"))
     try:
         state_dir = scratch / "state"
@@ -113,7 +118,9 @@ def containerd_env(
         tree = make_busybox_tree(scratch / "tree")
         busybox = build_image([tree], BUSYBOX, ["sh"], scratch / "busybox.tar")
         pause = build_image([tree], PAUSE, ["sleep", "2147483647"], scratch / "pause.tar")
-        with running_containerd(scratch / "ctrd", config, cni) as containerd:
+        with running_containerd(
+            scratch / "ctrd", config, cni, version=version, shim=shim
+        ) as containerd:
             for namespace in ("default", "k8s.io"):
                 import_image(containerd, busybox, namespace)
                 import_image(containerd, pause, namespace)

@@ -28,3 +28,4 @@ def kernel() -> Path:
 @functools.cache
 def rootfs() -> Path:
     return _build("guest/rootfs/build-rootfs.sh", "CLOUDHV_ROOTFS")
+

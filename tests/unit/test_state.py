@@ -37,8 +37,17 @@ def test_round_trip() -> None:
         resources=(ResourceRecord("disk", "c1", "ctr", {"image": "/w/c1.ext4"}),),
         containers=("ctr",),
         bundles={"ctr": "/b"},
+        vcpus=2,
+        memory_mib=384,
+        booted_at=1700000000.5,
     )
     assert from_json(to_json(st)) == st
+
+
+def test_state_without_vm_size_reads() -> None:
+    """A state file written before the size was recorded still loads (a daemon upgrade)."""
+    st = from_json('{"pod_id": "p1", "namespace": "ns"}')
+    assert (st.vcpus, st.memory_mib, st.booted_at) == (0, 0, 0.0)
 
 
 def test_bad_json() -> None:
