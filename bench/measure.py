@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from shim import forker
 from shim.agent import AgentClient
 from shim.config import TCG_TB_SIZE_MIB
 from shim.vmm.qemu import QemuVmm
@@ -73,7 +74,8 @@ def processes_matching(*needles: str) -> list[int]:
 def shim_pss_kib(env: Env) -> tuple[int, int]:
     """(PSS of every shim process: the pods' daemons and the shared parent, daemon count)."""
     daemons = [pid for pid, _ in shim_processes(env.containerd)]
-    parents = processes_matching("shim.forker")
+    # This checkout's shared parent only: other checkouts on the machine run their own.
+    parents = processes_matching("shim.forker", str(forker.socket_path()))
     return sum(rollup(p).get("Pss", 0) for p in daemons + parents), len(daemons)
 
 
