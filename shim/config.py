@@ -128,6 +128,17 @@ class ContainerUpperConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    """Pre-booted VMs waiting for pods (docs/pool.md)."""
+
+    __pydantic_config__ = _FORBID_EXTRA
+
+    # VMs of the default size kept booted, with no pod identity, by the shared
+    # parent (shim/forker.py); 0: no pool, every pod boots its own VM.
+    size: Annotated[int, Range(ge=0, le=64)] = 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     __pydantic_config__ = _FORBID_EXTRA
 
@@ -156,6 +167,7 @@ class Config:
     # under /run: a container that writes a lot must not fill a tmpfs (host RAM).
     disk_dir: Path = Path("/var/lib/cloudhv/disks")
     container_upper: ContainerUpperConfig = field(default_factory=ContainerUpperConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     debug: bool = False
 
 
