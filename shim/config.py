@@ -181,6 +181,11 @@ def resolve_path(option_path: str | None, env: Mapping[str, str] | None = None) 
 
 def load(path: Path) -> Config:
     """Read and validate `path`. Raises ConfigError with one clear line."""
+    return load_with_digest(path)[0]
+
+
+def load_with_digest(path: Path) -> tuple[Config, str]:
+    """`load`, and the SHA-256 of the bytes it read (pools are keyed by it)."""
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -199,7 +204,9 @@ def load(path: Path) -> Config:
         raise ConfigError(f"config {path}: JSON nested too deeply") from None
     config = parse(data, f"config {path}")
     check_host(config, f"config {path}")
-    return config
+    import hashlib
+
+    return config, hashlib.sha256(raw).hexdigest()
 
 
 HYPERVISOR_DEVICES = (Path("/dev/kvm"), Path("/dev/mshv"))

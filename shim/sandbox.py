@@ -117,6 +117,10 @@ class Sandbox:
         return self._state.namespace
 
     @property
+    def store(self) -> StateStore:
+        return self._store
+
+    @property
     def work_dir(self) -> Path:
         return Path(self._state.work_dir)
 
@@ -206,14 +210,7 @@ class Sandbox:
     # -- boot and stop -------------------------------------------------------------------
 
     def size(self, annotations: dict[str, str]) -> sizing.VmSize:
-        """The VM's size; raises InvalidArgument (naming the key) before anything exists."""
-        size = sizing.vm_size(
-            self.config, annotations, os.cpu_count() or 1, host_memory_mib=_host_memory_mib()
-        )
-        ignored = sizing.ignored_annotations(annotations)
-        if ignored:
-            log.debug("event=annotations_ignored pod=%s keys=%s", self.id, ",".join(ignored))
-        return size
+        return vm_size(self.config, annotations, self.id)
 
     async def boot(self, size: sizing.VmSize, hostname: str, pod: PodOptions | None = None) -> None:
         """Start the VM and bring its agent up, its processes in the pod's cgroup, then
@@ -454,6 +451,17 @@ class Sandbox:
                 continue
             if container_id:
                 self._on_oom(container_id)
+
+
+def vm_size(config: Config, annotations: dict[str, str], pod_id: str = "") -> sizing.VmSize:
+    """The VM's size; raises InvalidArgument (naming the key) before anything exists."""
+    size = sizing.vm_size(
+        config, annotations, os.cpu_count() or 1, host_memory_mib=_host_memory_mib()
+    )
+    ignored = sizing.ignored_annotations(annotations)
+    if ignored:
+        log.debug("event=annotations_ignored pod=%s keys=%s", pod_id, ",".join(ignored))
+    return size
 
 
 def _host_memory_mib() -> int:
