@@ -298,7 +298,7 @@ def _fork_warm(config_text: str, config_path: str, close: ToClose) -> tuple[int,
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
     def run() -> int:
-        ours.close()
+        ours.detach()  # closed already, with every descriptor not kept
         from shim import warm
 
         return warm.main(config_text, theirs, config_path)

@@ -67,6 +67,7 @@ def main(config_text: str, sock: socket.socket, config_path: str) -> int:
     own_dir = store.pod_dir(POOL_NAMESPACE, vm_id)
     own_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     handler = logging.FileHandler(own_dir / "daemon.log")
+    handler.terminator = ""  # the formatter ends each line
     handler.setFormatter(daemon._KeyValueFormatter())
     root = logging.getLogger()
     root.addHandler(handler)
