@@ -21,7 +21,14 @@ from shim.config import Config
 from shim.hostmount import unmount_under
 from shim.rootfs import disk, shared
 from shim.rootfs.cache import ImageCache
-from shim.state import PodState, ResourceRecord, StateStore, pool_store
+from shim.state import (
+    POOL_NAMESPACE,
+    PodState,
+    ResourceRecord,
+    StateStore,
+    pool_store,
+    remove_pool_dir,
+)
 from shim.vmm.procs import kill_recorded
 
 HostUndo = Callable[[ResourceRecord], list[str]]
@@ -70,6 +77,10 @@ def cleanup(state: PodState, store: StateStore, *, keep_socket: bool = False) ->
         if directory.exists():
             shutil.rmtree(directory, ignore_errors=True)
             done.append(f"removed {directory}")
+    if state.pool_dir:
+        remove_pool_dir(Path(state.pool_dir))
+    if state.namespace == POOL_NAMESPACE:
+        remove_pool_dir(store.pod_dir(state.namespace, state.pod_id))
     return done
 
 

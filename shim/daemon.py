@@ -31,7 +31,7 @@ from shim.cleanup import (
 )
 from shim.events import Publisher
 from shim.pod import Pod
-from shim.state import PodState, ProcRef, StateError, StateStore
+from shim.state import PodState, ProcRef, StateError, StateStore, remove_pool_dir
 from shim.task import SERVICE, TaskService
 from shim.ttrpc import Server
 from shim.vmm.factory import create_vmm
@@ -269,5 +269,7 @@ async def run(args: DaemonArgs, pod: Pod, publisher: Publisher, store: StateStor
         with contextlib.suppress(Exception):
             await pod.close()
         await asyncio.to_thread(store.remove, args.namespace, args.pod_id)
+        if pod.state.pool_dir:  # an adopted VM's files stay where it was pooled
+            await asyncio.to_thread(remove_pool_dir, Path(pod.state.pool_dir))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.socket)

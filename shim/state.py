@@ -226,6 +226,13 @@ class StateStore:
             (self.pod_dir(namespace, pod_id) / STATE_FILE).unlink()
 
 
+def remove_pool_dir(path: Path) -> None:
+    """Remove a pooled VM's directory, and the pool directory once it is empty."""
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
+
+
 def pool_store(state_dir: Path) -> StateStore:
     """Where the pooled VMs of a state dir keep their state."""
     return StateStore(state_dir / POOL_DIR)

@@ -34,6 +34,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,14 @@ from shim.events import Publisher
 from shim.pod import Pod
 from shim.sandbox import Sandbox
 from shim.sizing import VmSize
-from shim.state import POOL_NAMESPACE, PodState, ProcRef, StateStore, pool_store
+from shim.state import (
+    POOL_NAMESPACE,
+    PodState,
+    ProcRef,
+    StateStore,
+    pool_store,
+    remove_pool_dir,
+)
 from shim.vmm.factory import create_vmm
 from shim.vmm.procs import process_start_time
 
@@ -103,11 +111,17 @@ async def _run(
     try:
         await sandbox.save()
         size = sandbox.size({})
-        await sandbox.start_vm(size)
+        sock.setblocking(False)
+        # Nothing comes before `ready` but EOF: the boot is abandoned then.
+        if not await _until_released(sandbox.start_vm(size), sock, vm_gone):
+            log.info("event=pool_vm_released vm=%s while=booting", vm_id)
+            return 0
         await sandbox.save(pool="ready")
         log.info("event=pool_vm_ready vm=%s vmm_pid=%d", vm_id, sandbox.vmm_pid)
-        sock.setblocking(False)
-        sock.send(b"ready")
+        try:
+            sock.send(b"ready")
+        except OSError:
+            return 0
         take = await _wait_take(sock, vm_gone)
         if take is None:
             log.info("event=pool_vm_released vm=%s", vm_id)
@@ -154,6 +168,31 @@ async def _run(
     finally:
         if not adopted:
             await _destroy(sandbox)
+
+
+async def _until_released(
+    work: Coroutine[Any, Any, None], sock: socket.socket, released: asyncio.Event
+) -> bool:
+    """Run `work` unless the socket becomes readable (EOF) or `released` is set first:
+    then it is cancelled. True if it finished (its error, if any, raised)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    readable = asyncio.Event()
+    loop.add_reader(sock.fileno(), readable.set)
+    waits = [asyncio.ensure_future(readable.wait()), asyncio.ensure_future(released.wait())]
+    try:
+        await asyncio.wait([task, *waits], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_reader(sock.fileno())
+        for waiting in waits:
+            waiting.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return False
+    task.result()
+    return True
 
 
 async def _wait_take(
@@ -248,15 +287,12 @@ async def _destroy(sandbox: Sandbox) -> None:
     """The VM, its resources and every file of it gone; it is never handed on."""
     await sandbox.close()
     state = sandbox.state
-    await asyncio.to_thread(sandbox.store.remove, state.namespace, state.pod_id)
-    if state.pool_dir:
-        await asyncio.to_thread(_remove_tree, Path(state.pool_dir))
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+    if state.pool_dir:  # taken: the pod's state, and the VM's files where it was pooled
+        await asyncio.to_thread(sandbox.store.remove, state.namespace, state.pod_id)
+        await asyncio.to_thread(remove_pool_dir, Path(state.pool_dir))
+    else:
+        own = sandbox.store.pod_dir(state.namespace, state.pod_id)
+        await asyncio.to_thread(remove_pool_dir, own)
 
 
 def _no_oom(container_id: str) -> None:
