@@ -120,6 +120,9 @@ def test_warm_pods_start_faster_work_and_share_nothing(
         b = Pod(cri, env, "warm-b")
         pods.append(b)
         assert pod_origin(env, a) == pod_origin(env, b) == "adopted"
+        # The adopted VM's processes moved into the sandbox's cgroup.
+        vmm = int(pod_state(env, a)["vmm"]["pid"])  # type: ignore[index]
+        assert f"/{a.id}\n" in Path(f"/proc/{vmm}/cgroup").read_text()
         # Timing is measured properly (medians, side by side) by bench/pool.py; here
         # only the direction, on a shared machine.
         assert max(a.run_seconds, b.run_seconds) < cold_s, (a.run_seconds, b.run_seconds, cold_s)
