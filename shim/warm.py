@@ -112,7 +112,7 @@ async def _run(
         await sandbox.save()
         size = sandbox.size({})
         sock.setblocking(False)
-        # Nothing comes before `ready` but EOF: the boot is abandoned then.
+        # Nothing comes before `ready` but EOF: the VM is then shut down once booted.
         if not await _until_released(sandbox.start_vm(size), sock, vm_gone):
             log.info("event=pool_vm_released vm=%s while=booting", vm_id)
             return 0
@@ -173,42 +173,42 @@ async def _run(
 async def _until_released(
     work: Coroutine[Any, Any, None], sock: socket.socket, released: asyncio.Event
 ) -> bool:
-    """Run `work` unless the socket becomes readable (EOF) or `released` is set first:
-    then it is cancelled. True if it finished (its error, if any, raised)."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(work)
-    readable = asyncio.Event()
-    loop.add_reader(sock.fileno(), readable.set)
-    waits = [asyncio.ensure_future(readable.wait()), asyncio.ensure_future(released.wait())]
+    """Run `work`; False if the socket became readable (EOF) or `released` was set
+    meanwhile. `work` is finished either way, not cancelled: a boot cancelled half-way
+    could lose a process it had just spawned, while a finished one is stopped whole."""
+    readable = _on_readable(sock)
     try:
-        await asyncio.wait([task, *waits], return_when=asyncio.FIRST_COMPLETED)
+        await work
     finally:
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+    return not (readable.is_set() or released.is_set())
+
+
+def _on_readable(sock: socket.socket) -> asyncio.Event:
+    """An event set once `sock` is readable (the reader goes then: EOF stays readable)."""
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+
+    def fire() -> None:
+        readable.set()
         loop.remove_reader(sock.fileno())
-        for waiting in waits:
-            waiting.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        return False
-    task.result()
-    return True
+
+    loop.add_reader(sock.fileno(), fire)
+    return readable
 
 
 async def _wait_take(
     sock: socket.socket, vm_gone: asyncio.Event
 ) -> tuple[dict[str, Any], list[int]] | None:
     """The parent's take (request, fds), or None on EOF or when the VM died first."""
-    loop = asyncio.get_running_loop()
-    readable = asyncio.Event()
-    loop.add_reader(sock.fileno(), readable.set)
+    readable = _on_readable(sock)
     try:
         waits = [asyncio.ensure_future(readable.wait()), asyncio.ensure_future(vm_gone.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for waiting in waits:
             waiting.cancel()
     finally:
-        loop.remove_reader(sock.fileno())
+        asyncio.get_running_loop().remove_reader(sock.fileno())
     if vm_gone.is_set():
         return None
     fds = array.array("i")
