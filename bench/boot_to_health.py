@@ -1,12 +1,15 @@
 """Time from QEMU launch to the agent's first health reply, over N boots.
 
-Usage: python -m bench.boot_to_health [-n 5] [--virtiofs]   (root; builds the guest if needed)
+Usage: python -m bench.boot_to_health [-n 5] [--virtiofs] [--tb-size-mib 0,64,8]
+(root; builds the guest if needed)
 Prints one line per boot and the median; phases: vmm_start (QEMU + vsock backend up,
 QMP ready), agent (hybrid-vsock connect + Health). qemu_cpu is the CPU time QEMU used
 until the Health reply: under TCG the boot is CPU-bound, so it compares two kernels
 fairly even while other work on the machine stretches the wall time. With --virtiofs
 the VM boots with the pod's virtio-fs device, served by a virtiofsd started first (as
 the shim does; its start is timed apart, and the guest mounts the tag after Health).
+With --tb-size-mib the boots alternate between those TCG translation cache sizes (0:
+QEMU's default), so that each size sees the same load.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ async def _ignore(pid: int, start_time: int) -> None:
     del pid, start_time
 
 
-async def one_boot(state_dir: Path, virtiofs: bool = False) -> tuple[float, ...]:
+async def one_boot(
+    state_dir: Path, virtiofs: bool = False, tb_size_mib: int = 0
+) -> tuple[float, ...]:
     """(vmm start, launch to Health, QEMU CPU until Health, virtiofsd start, guest mount
     of the tag) in seconds; the last two are 0 without virtiofs."""
     spec = vm_spec(state_dir)
@@ -52,7 +57,7 @@ async def one_boot(state_dir: Path, virtiofs: bool = False) -> tuple[float, ...]
         daemon = await host.start_daemon(layout, _ignore)
         fs_s = time.monotonic() - begun
         spec = dataclasses.replace(spec, shared_fs=SharedFsSpec(layout.socket, TAG))
-    vmm = QemuVmm(spec, qemu_options())
+    vmm = QemuVmm(spec, dataclasses.replace(qemu_options(), tcg_tb_size_mib=tb_size_mib))
     started = time.monotonic()
     try:
         await vmm.start()
@@ -85,30 +90,34 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=5)
     parser.add_argument("--virtiofs", action="store_true", help="boot with the virtio-fs device")
+    parser.add_argument("--tb-size-mib", default="0", help="comma-separated, alternated")
     args = parser.parse_args()
-    totals = []
-    cpus = []
+    sizes = [int(v) for v in args.tb_size_mib.split(",")]
+    totals: dict[int, list[float]] = {size: [] for size in sizes}
+    cpus: dict[int, list[float]] = {size: [] for size in sizes}
     with tempfile.TemporaryDirectory(prefix="cloudhv-bench-") as scratch:
-        for index in range(args.n):
+        for index in range(args.n * len(sizes)):
+            size = sizes[index % len(sizes)]
             vmm_s, total_s, cpu_s, fs_s, mount_s = await one_boot(
-                Path(scratch) / f"vm{index}" / "vm", args.virtiofs
+                Path(scratch) / f"vm{index}" / "vm", args.virtiofs, size
             )
-            totals.append(total_s)
-            cpus.append(cpu_s)
+            totals[size].append(total_s)
+            cpus[size].append(cpu_s)
             extra = (
                 f"  virtiofsd_start={fs_s * 1000:.0f} ms  guest_mount={mount_s * 1000:.0f} ms"
                 if args.virtiofs
                 else ""
             )
             print(
-                f"boot {index}: vmm_start={vmm_s * 1000:.0f} ms  "
+                f"boot {index} (tb {size}): vmm_start={vmm_s * 1000:.0f} ms  "
                 f"launch_to_health={total_s * 1000:.0f} ms  qemu_cpu={cpu_s * 1000:.0f} ms{extra}"
             )
-    for name, values in (("launch_to_health", totals), ("qemu_cpu", cpus)):
-        print(
-            f"median {name} over {args.n}: {statistics.median(values) * 1000:.0f} ms "
-            f"(min {min(values) * 1000:.0f}, max {max(values) * 1000:.0f})"
-        )
+    for size in sizes:
+        for name, values in (("launch_to_health", totals[size]), ("qemu_cpu", cpus[size])):
+            print(
+                f"tb {size}: median {name} over {args.n}: {statistics.median(values) * 1000:.0f}"
+                f" ms (min {min(values) * 1000:.0f}, max {max(values) * 1000:.0f})"
+            )
 
 
 if __name__ == "__main__":

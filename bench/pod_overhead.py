@@ -1,6 +1,6 @@
 """What one pod's VM costs the host, for the RuntimeClass's overhead.podFixed.
 
-Usage: python -m bench.pod_overhead [-n 3] [--memory-mib 256]
+Usage: python -m bench.pod_overhead [-n 3] [--memory-mib 256] [--tb-size-mib 0,64]
 (root, from the repository root, PYTHONPATH=.)
 
 Runs N CRI pods through containerd 1.6 and the cloudhv handler (one busybox container
@@ -56,8 +56,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=3)
     parser.add_argument("--memory-mib", type=int, default=256)
+    parser.add_argument(
+        "--tb-size-mib", default="",
+        help="QEMU TCG translation cache sizes to compare, one run each (0: QEMU's default)",
+    )
     args = parser.parse_args()
-    with containerd_env(default_memory_mib=args.memory_mib) as env:
+    sizes = [int(v) for v in args.tb_size_mib.split(",")] if args.tb_size_mib else [None]
+    for tb_size in sizes:
+        if tb_size is not None:
+            print(f"== qemu.tcg_tb_size_mib {tb_size}")
+        measure(args, tb_size)
+
+
+def measure(args: argparse.Namespace, tb_size: int | None) -> None:
+    overrides: dict[str, object] = {"default_memory_mib": args.memory_mib}
+    if tb_size is not None:
+        overrides["qemu"] = {
+            "accel": os.environ.get("CLOUDHV_ACCEL", "tcg"), "hotplug_slots": 8,
+            "tcg_tb_size_mib": tb_size,
+        }
+    with containerd_env(**overrides) as env:
         cri = CriClient(env.containerd.address)
         pb, rt = cri.pb, cri.runtime
         pods = []

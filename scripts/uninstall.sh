@@ -111,7 +111,7 @@ while read -r kind path; do
     echo "kept $path: something is still mounted under it" >&2
     continue
   fi
-  [ -d "$path/images" ] && rm -rf "$path/images" "$path/refs" "$path/building" "$path/locks" \
+  [ -d "$path/images" ] && rm -rf "$path/images" "$path/refs" "$path/building" "$path/locks" "$path/journal" \
     "$path/lock"
   rmdir "$path" 2>/dev/null || echo "kept $path: not empty ($(ls -A "$path" | head -3 | tr '\n' ' '))" >&2
   rmdir "$(dirname "$path")" 2>/dev/null || true

@@ -62,6 +62,8 @@ class Range:
             yield annotated_types.Le(self.le)
 
 
+TCG_TB_SIZE_MIB = 32  # docs/performance.md: the VMM's PSS and boot time against it
+
 # Read by pydantic on stdlib dataclasses (ConfigDict is a TypedDict: a plain dict will do).
 _FORBID_EXTRA = {"extra": "forbid"}
 
@@ -74,6 +76,9 @@ class QemuConfig:
     accel: Literal["tcg", "kvm"] = "tcg"
     vsock_backend: Path = Path("/usr/bin/vhost-device-vsock")
     hotplug_slots: Annotated[int, Range(ge=1, le=32)] = 8
+    # TCG's translated-code cache. QEMU's own default (1 GiB) is a ceiling a small
+    # guest keeps filling, and every page of it is the host's; 0 keeps that default.
+    tcg_tb_size_mib: Annotated[int, Range(ge=0, le=1024)] = TCG_TB_SIZE_MIB
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,6 +21,7 @@ def create_vmm(config: Config, spec: VmSpec) -> Vmm:
                 accel=config.qemu.accel,
                 vsock_backend=config.qemu.vsock_backend,
                 hotplug_slots=config.qemu.hotplug_slots,
+                tcg_tb_size_mib=config.qemu.tcg_tb_size_mib,
             ),
         )
     if config.vmm == "cloud-hypervisor":

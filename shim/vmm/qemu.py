@@ -65,6 +65,7 @@ class QemuOptions:
     accel: str  # "tcg" | "kvm"
     vsock_backend: Path
     hotplug_slots: int = 8
+    tcg_tb_size_mib: int = 0  # 0: QEMU's default translation cache
     # Disks attached at boot, the first as /dev/vda; empty: the spec's rootfs, read-only.
     boot_disks: tuple[DiskSpec, ...] = ()
     serial: SerialMode = "log"
@@ -127,6 +128,9 @@ class QemuVmm(Vmm):
         """The QEMU command line for this VM (pure: no I/O)."""
         spec, opts = self._spec, self._options
         accel_cpu = "host" if opts.accel == "kvm" else "max"
+        accel = opts.accel
+        if accel == "tcg" and opts.tcg_tb_size_mib:
+            accel += f",tb-size={opts.tcg_tb_size_mib}"
         mem = f"{spec.memory_mib}M"
         # The serial console is ttyS0 unless the caller's command line names one.
         console_arg = "" if "console=" in spec.kernel_args else "console=ttyS0 "
@@ -134,7 +138,8 @@ class QemuVmm(Vmm):
             *opts.launcher,
             str(opts.binary),
             "-name", f"cloudhv-{spec.state_dir.name}",
-            "-machine", f"q35,accel={opts.accel},memory-backend=mem0",
+            "-machine", "q35,memory-backend=mem0",
+            "-accel", accel,
             "-cpu", accel_cpu,
             "-smp", f"{spec.vcpus},maxcpus={max(spec.max_vcpus, spec.vcpus)}",
             "-m", mem,

@@ -254,7 +254,7 @@ class Containerd:
 def base_config(root: Path) -> str:
     """The version 2 config of running_containerd without the cloudhv runtime, for an
     installer to register it in."""
-    text = CONFIG_TOML.format(root=root, runtime=RUNTIME, shim="", shim_config="")
+    text = CONFIG_TOML.format(root=root, runtime=RUNTIME, shim="", shim_config="", max_conf_num=1)
     ours = '    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cloudhv]'
     return text[: text.index(ours)]
 

@@ -1,0 +1,30 @@
+"""The QEMU command line the backend builds from its options (pure)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shim import config as config_mod
+from shim.vmm.base import VmSpec
+from shim.vmm.qemu import QemuOptions, QemuVmm
+
+
+def _accel(tmp_path: Path, options: QemuOptions) -> str:
+    spec = VmSpec(tmp_path, Path("/k"), Path("/r"), "quiet", 1, 1, 256)
+    argv = QemuVmm(spec, options).command()
+    return argv[argv.index("-accel") + 1]
+
+
+def test_tcg_gets_the_configured_translation_cache(tmp_path: Path) -> None:
+    options = QemuOptions(Path("/q"), "tcg", Path("/v"), tcg_tb_size_mib=64)
+    assert _accel(tmp_path, options) == "tcg,tb-size=64"
+
+
+def test_zero_keeps_qemus_default_and_kvm_has_no_cache(tmp_path: Path) -> None:
+    assert _accel(tmp_path, QemuOptions(Path("/q"), "tcg", Path("/v"))) == "tcg"
+    kvm = QemuOptions(Path("/q"), "kvm", Path("/v"), tcg_tb_size_mib=64)
+    assert _accel(tmp_path, kvm) == "kvm"
+
+
+def test_the_config_default_reaches_the_backend() -> None:
+    assert config_mod.QemuConfig().tcg_tb_size_mib == config_mod.TCG_TB_SIZE_MIB > 0
