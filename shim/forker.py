@@ -227,11 +227,20 @@ def main() -> int:
 
 
 def _read_stdin() -> bytes:
-    """The pool `launch` was given, if any (stdin is then a pipe, closed after it)."""
-    with contextlib.suppress(OSError):
-        if not os.isatty(0):
-            return os.read(0, REQUEST_MAX)
-    return b""
+    """The pool `launch` was given, if any (stdin is then a pipe, closed after it). A
+    stdin that stays silent (another launcher's) is not waited for long."""
+    import select
+
+    data = b""
+    with contextlib.suppress(OSError, ValueError):
+        while not os.isatty(0) and len(data) < REQUEST_MAX:
+            if not select.select([0], [], [], 1.0)[0]:
+                break
+            chunk = os.read(0, REQUEST_MAX)
+            if not chunk:
+                break
+            data += chunk
+    return data
 
 
 # The sockets a forked child closes (then every other descriptor but stdio and its own).
