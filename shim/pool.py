@@ -49,6 +49,7 @@ FILL_DELAY_S = 1.0  # after a take is decided, before the next VM boots
 WATCH_S = 5.0  # how often config files are checked for a change
 BACKOFF_MAX_S = 60.0  # between boots, after pooled VMs failed to boot in a row
 KILL_WAIT_S = 2.0
+IDLE_TICK_S = 60.0
 
 
 def file_digest(path: Path) -> str:
@@ -235,6 +236,8 @@ class Pools:
         if not self._taking and now - self._settled_at >= FILL_DELAY_S:
             for known in self._pools.values():
                 self._fill(known, now)
+        if not self.active:
+            return IDLE_TICK_S  # nothing to watch: only the parent's idle exit
         waits = [WATCH_S]
         waits += [m.take.deadline - now for m in self._taking if m.take is not None]
         waits += [known.not_before - now for known in self._pools.values()]
