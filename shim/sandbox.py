@@ -278,6 +278,7 @@ class Sandbox:
     async def join(self, hostname: str, pod: PodOptions) -> None:
         """Give the running VM its pod: clock, hostname, DNS and hosts, sysctls, shared
         fs, network, port forwarding. On failure the VM is stopped."""
+        started = time.monotonic()
         try:
             vmm, agent = self._vmm, self.require_agent()
             assert vmm is not None
@@ -297,6 +298,7 @@ class Sandbox:
                 await step("port forward", self._portfwd.attach(self))
         except BaseException as err:
             await self._failed(err)
+        log.info("event=vm_joined pod=%s join_ms=%d", self.id, (time.monotonic() - started) * 1000)
 
     async def _failed(self, err: BaseException) -> None:
         await self.stop()
