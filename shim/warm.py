@@ -250,6 +250,8 @@ async def _adopt(
             "--config-fd", str(config_fd),
         ]
     )
+    # From here on the pod's log (containerd's) hears of the adoption, a failure too.
+    daemon.setup_logging(args.bundle, args.debug or config.debug)
     # The config pipe stays unread: it is the cold daemon's should this fail. The
     # parent hands over a VM only to a start that sent the config it was booted with.
     os.close(config_fd)
@@ -267,7 +269,6 @@ async def _adopt(
     hostname = spec_mod.hostname_of(spec) or os.uname().nodename
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in request.get("env", {}).items()})
-    daemon.setup_logging(args.bundle, args.debug or config.debug)
     proctitle.set_title(["containerd-shim-cloudhv-v1", *request.get("argv", ())])
     store = StateStore(config.state_dir)
     await daemon.clean_stale(store, args)
