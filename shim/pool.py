@@ -159,8 +159,10 @@ class Pools:
                 member.sock.sendmsg(
                     [body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_bytes(fds))]
                 )
-            except OSError:
+            except OSError:  # its daemon is gone: what it recorded is collected
                 self._close(member)
+                _wait_gone(member.pid)
+                self._collect(pool)
                 continue
             member.take = Take(conn, argv, env, fds, time.monotonic() + ADOPT_TIMEOUT_S)
             self._taking.append(member)
