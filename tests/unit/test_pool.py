@@ -210,3 +210,9 @@ def test_a_vm_that_died_booting_backs_off(setup: Setup) -> None:
     assert pool.members == [] and pool.failures == 1
     pools.tick()
     assert len(forks.vm_ends) == 1  # not booted again at once
+
+
+def test_start_waits_as_long_as_a_take_may_take() -> None:
+    from shim import forker
+
+    assert forker.ADOPT_TIMEOUT_S == pool_mod.ADOPT_TIMEOUT_S
