@@ -8,6 +8,8 @@ this machine (QEMU TCG here), medians of N with min and max.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import os
 import re
 import statistics
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.agent import AgentClient
+from shim.config import TCG_TB_SIZE_MIB
 from shim.vmm.qemu import QemuVmm
 from tests.integration.cri import CriClient
 from tests.integration.ctr_fixtures import BUSYBOX, Env, shim_processes
@@ -101,6 +104,9 @@ def _vm_dir(qemu: int) -> str:
 # -- pods through CRI -------------------------------------------------------------------
 
 
+_POD_NUMBERS = itertools.count(1)
+
+
 class Pods:
     """CRI pods made for a measurement, all removed by `close()`."""
 
@@ -109,13 +115,14 @@ class Pods:
         self.cri = CriClient(env.containerd.address)
         self.pb = self.cri.pb
         self.ids: list[str] = []
-        self._count = 0
+        self.last_log = Path()
 
     def run(self, command: list[str], *, name: str = "") -> tuple[str, str, float, float]:
         """(pod id, container id, RunPodSandbox s, RunPodSandbox → first log line s)."""
         pb, rt = self.pb, self.cri.runtime
-        self._count += 1
-        name = name or f"m{self._count}"
+        # Unique across every Pods of a run: a log file reused would already hold
+        # lines, and "first output" would be seen at once.
+        name = name or f"m{next(_POD_NUMBERS)}"
         log_dir = self.env.scratch / "logs" / name
         log_dir.mkdir(parents=True, exist_ok=True)
         config = pb.PodSandboxConfig(
@@ -140,7 +147,7 @@ class Pods:
             timeout=300,
         ).container_id
         rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=300)
-        log = log_dir / "app.log"
+        log = self.last_log = log_dir / "app.log"
         while not (log.exists() and log.stat().st_size > 0):
             time.sleep(0.002)
         return pod, cid, ran, time.monotonic() - started
@@ -166,7 +173,9 @@ class Pods:
 
 
 async def _bare_boot(state_dir: Path) -> float:
-    vmm = QemuVmm(vm_spec(state_dir), qemu_options())
+    # The translation cache the shim's default config gives its VMs.
+    options = dataclasses.replace(qemu_options(), tcg_tb_size_mib=TCG_TB_SIZE_MIB)
+    vmm = QemuVmm(vm_spec(state_dir), options)
     started = time.monotonic()
     await vmm.start()
     try:
@@ -340,17 +349,23 @@ def stdout_throughput(env: Env, megabytes: int) -> dict[str, Any]:
         produce = f"head -c {megabytes * 1_000_000} /dev/zero | tr '\\0' x"
         command = ["sh", "-c", f"echo start; sleep 1; {produce}; echo; echo done"]
         pod, _, _, _ = pods.run(command)
-        log = env.scratch / "logs" / f"m{pods._count}" / "app.log"
+        log = pods.last_log
         while b" stdout F start" not in log.read_bytes()[:200]:
             time.sleep(0.01)
         started = time.monotonic()
-        while not log.read_bytes().endswith(b" stdout F done\n"):
+        while not _tail(log).endswith(b" stdout F done\n"):
             time.sleep(0.01)
         elapsed = time.monotonic() - started - 1.0
         pods.remove(pod)
     finally:
         pods.close()
     return {"megabytes": megabytes, "seconds": elapsed, "mb_per_s": megabytes / elapsed}
+
+
+def _tail(path: Path, size: int = 64) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(max(0, path.stat().st_size - size))
+        return handle.read()
 
 
 def scaling(env: Env, counts: Sequence[int]) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.integration.containerd_env import CNI_CONFLIST, CNI_DUAL_STACK, CNI_SECOND
+from tests.integration.containerd_env import CNI_CONFLIST, CNI_DUAL_STACK, CNI_SECOND, VMMS
 from tests.integration.cri import CriClient
 from tests.integration.ctr_fixtures import Env, containerd_env, shim_processes
 from tests.integration.pod_net import (
@@ -32,9 +32,9 @@ from tests.integration.test_cri import Pod
 TOKEN_PORT = 7000
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
-    with containerd_env() as env:
+@pytest.fixture(scope="module", params=VMMS)
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    with containerd_env(request.param) as env:
         yield env
 
 

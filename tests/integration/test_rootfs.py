@@ -24,7 +24,7 @@ import pytest
 from shim.devices import device_id
 from shim.state import pod_key
 from tests.integration.busybox_tree import make_busybox_tree, make_ext4
-from tests.integration.containerd_env import REPO, import_image
+from tests.integration.containerd_env import REPO, VMMS, import_image
 from tests.integration.cri import CriClient
 from tests.integration.ctr_fixtures import Env, containerd_env, shim_processes
 from tests.integration.oci_image import Layer, build_image
@@ -42,9 +42,10 @@ CAPS = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + by
 UPPER_TMPFS = {"io.cloudhv.container.upper": "tmpfs"}
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
+@pytest.fixture(scope="module", params=VMMS)
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     with containerd_env(
+        request.param,
         max_containers_per_vm=5,
         rootfs_cache={"max_mib": CACHE_MAX_MIB},
         agent_startup_timeout_s=60,  # pods boot side by side here, on a busy host
