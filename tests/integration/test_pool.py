@@ -268,3 +268,23 @@ def test_delete_removes_an_adopted_vm_after_its_shim_is_killed(
     while pool_dir.exists():
         assert time.monotonic() < deadline, sorted(map(str, pool_dir.rglob("*")))
         time.sleep(0.2)
+
+
+def test_cloud_hypervisor_pods_adopt_pooled_vms_too() -> None:
+    """The same pool through the Cloud Hypervisor backend (its stand-in, tests/chsim)."""
+    with containerd_env("cloud-hypervisor", pool={"size": 1}) as ch_env:
+        client = CriClient(ch_env.containerd.address)
+        try:
+            Pod(client, ch_env, "ch-prime").remove()
+            ch_env.wait_pool(1)
+            pod = Pod(client, ch_env, "ch-warm")
+            try:
+                assert pod_origin(ch_env, pod) == "adopted"
+                cid = pod.container("probe", ["sleep", "600"])
+                assert pod.exec_sync(cid, ["hostname"]) == (b"ch-warm\n", b"", 0)
+            finally:
+                pod.remove()
+            ch_env.drain_pool()
+            assert ch_env.wait_clean() == []
+        finally:
+            client.close()
