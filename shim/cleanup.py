@@ -21,7 +21,14 @@ from shim.config import Config
 from shim.hostmount import unmount_under
 from shim.rootfs import disk, shared
 from shim.rootfs.cache import ImageCache
-from shim.state import PodState, ResourceRecord, StateStore
+from shim.state import (
+    POOL_NAMESPACE,
+    PodState,
+    ResourceRecord,
+    StateStore,
+    pool_store,
+    remove_pool_dir,
+)
 from shim.vmm.procs import kill_recorded
 
 HostUndo = Callable[[ResourceRecord], list[str]]
@@ -59,7 +66,7 @@ def cleanup(state: PodState, store: StateStore, *, keep_socket: bool = False) ->
             done += undo(record)
         except OSError as err:  # one resource must not keep the others
             done.append(f"resource {record.id}: {err}")
-    dirs = [Path(d) for d in (state.work_dir, state.vm_dir) if d]
+    dirs = [Path(d) for d in (state.work_dir, state.vm_dir, state.pool_dir) if d]
     dirs.append(store.pod_dir(state.namespace, state.pod_id))
     done += [f"unmounted {point}" for point in unmount_under(dirs)]
     if state.socket and not keep_socket:
@@ -70,6 +77,10 @@ def cleanup(state: PodState, store: StateStore, *, keep_socket: bool = False) ->
         if directory.exists():
             shutil.rmtree(directory, ignore_errors=True)
             done.append(f"removed {directory}")
+    if state.pool_dir:
+        remove_pool_dir(Path(state.pool_dir))
+    if state.namespace == POOL_NAMESPACE:
+        remove_pool_dir(store.pod_dir(state.namespace, state.pod_id))
     return done
 
 
@@ -91,7 +102,8 @@ def collect_orphan_work_dirs(
         candidates = [entry for entry in disk_dir.iterdir() if entry.is_dir()]
     except FileNotFoundError:
         return []
-    owned = {Path(state.work_dir) for state in store.states() if state.work_dir}
+    states = [*store.states(), *pool_store(store.root).states()]
+    owned = {Path(state.work_dir) for state in states if state.work_dir}
     now = time.time()
     done: list[str] = []
     for entry in candidates:
@@ -106,6 +118,21 @@ def collect_orphan_work_dirs(
         unmount_under([entry])
         shutil.rmtree(entry, ignore_errors=True)
         done.append(f"removed orphan {entry}")
+    return done
+
+
+def collect_dead_pool(state_dir: Path) -> list[str]:
+    """Pooled VMs whose daemon died (SIGKILL, a host crash) before a pod took them.
+
+    A live pooled VM's daemon shuts it down itself when the pool's owner goes; one
+    whose daemon is gone has nobody left, so whoever finds it removes it.
+    """
+    store = pool_store(state_dir)
+    done: list[str] = []
+    for state in store.states():
+        if state.daemon is not None and state.daemon.alive():
+            continue
+        done += [f"pooled VM {state.pod_id}: {line}" for line in cleanup(state, store)]
     return done
 
 

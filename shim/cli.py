@@ -6,9 +6,11 @@ pod's socket, and either reuses the pod's live daemon or binds the socket,
 spawns the daemon fully detached with the listening socket, waits for it to be
 ready and prints the address. `delete` cleans up from persisted state alone.
 
-When it spawns a daemon, `start` validates the config (pydantic, ~0.1 s, while the
-daemon imports its own modules) and sends it the result on a pipe: the daemon, one
-per pod for the pod's lifetime, never loads pydantic (~8 MiB PSS each).
+When it has a daemon made, `start` first validates the config (pydantic, ~0.1 s) and
+puts the result in a pipe the daemon reads: the daemon, one per pod for the pod's
+lifetime, never loads pydantic (~8 MiB PSS each). A config with a pool (`pool.size`)
+is named in the request to the shared parent, which may hand the pod a pre-booted
+VM (shim/pool.py).
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shim import bundle as bundle_mod
 from shim import forker, pbwire, spec
 from shim.bundle import SocketPathError, can_connect, socket_path, write_address
+
+if TYPE_CHECKING:
+    from shim.config import Config
 
 RUNTIME = "io.containerd.cloudhv.v1"
 VERSION = "0.1.0"
@@ -193,16 +199,22 @@ def _start_time(pid: int) -> str | None:
     return None if fields[0] in (b"Z", b"X") else fields[19].decode()
 
 
-def _launch_daemon(args: Args, pod_id: str, path: Path, fds: tuple[int, int, int]) -> _Daemon:
-    """Ask the shared parent for a daemon; spawn one here when none of this version serves
-    (and start one for the pods to come)."""
+def _launch_daemon(
+    args: Args,
+    pod_id: str,
+    path: Path,
+    fds: tuple[int, int, int],
+    pool: dict[str, object] | None,
+) -> _Daemon:
+    """Ask the shared parent for a daemon (or a pooled VM's); spawn one here when none
+    of this version serves (and start one for the pods to come)."""
     try:
-        pid = forker.request_daemon(_daemon_flags(args, pod_id, path), os.environ, fds)
+        pid = forker.request_daemon(_daemon_flags(args, pod_id, path), os.environ, fds, pool=pool)
         return _Daemon(pid)
     except forker.ForkerUnavailable:
         # None answered: none runs, or a killed one left its socket. A new one serves
         # the next pod (it exits at once if another holds the forker's lock).
-        forker.launch()
+        forker.launch(pool=pool)
     proc = subprocess.Popen(
         _daemon_argv(args, pod_id, path, fds),
         stdin=subprocess.DEVNULL,
@@ -256,17 +268,23 @@ def start(args: Args, stdin: bytes) -> bytes:
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     config_r, config_w = os.pipe2(os.O_CLOEXEC)
     try:
+        validated, text, pool = _load_config(config_path)
+        # delete then finds the state without the config, should it change or break.
+        info = bundle_mod.BundleInfo(identity.pod_id, config_path, str(validated.state_dir))
+        bundle_mod.write_info(bundle, info)
+        # The config waits in the pipe (a few KiB: it fits) for whichever daemon serves,
+        # a pooled VM's never reading it: a cold one forked after a failed take does.
+        rest = _write_ahead(config_w, text.encode())
         fds = (listener.fileno(), ready_w, config_r)
-        daemon = _launch_daemon(args, identity.pod_id, path, fds)
+        daemon = _launch_daemon(args, identity.pod_id, path, fds, pool)
         for fd in (ready_w, config_r):
             os.close(fd)
         ready_w = config_r = -1
-        state_dir = _send_config(config_w, daemon, config_path)
+        with contextlib.suppress(BrokenPipeError):  # a dead daemon: _await_ready says how
+            while rest:
+                rest = rest[os.write(config_w, rest) :]
         os.close(config_w)
         config_w = -1
-        # delete then finds the state without the config, should it change or break.
-        info = bundle_mod.BundleInfo(identity.pod_id, config_path, state_dir)
-        bundle_mod.write_info(bundle, info)
         _await_ready(ready_r, daemon, READY_TIMEOUT_S)
     except BaseException:
         path.unlink(missing_ok=True)
@@ -280,25 +298,42 @@ def start(args: Args, stdin: bytes) -> bytes:
     return answer
 
 
-def _send_config(fd: int, daemon: _Daemon, config_path: str) -> str:
-    """Validate the config and write it to the daemon's config pipe; returns the
-    state dir it names.
+def _load_config(config_path: str) -> tuple[Config, str, dict[str, object] | None]:
+    """The validated config, as the JSON the daemon reads, and the pool it names.
 
-    The daemon exits if the pipe closes with no config in it, so an invalid config,
-    or this process dying here, never leaves a daemon behind.
+    Validated before any daemon exists: an invalid config leaves nothing behind.
     """
     from shim import config
 
+    resolved = config.resolve_path(config_path)
     try:
-        validated = config.load(config.resolve_path(config_path))
+        validated, digest = config.load_with_digest(resolved)
     except config.ConfigError as err:
-        daemon.kill()
         raise UsageError(str(err)) from None
-    data = memoryview(config.dumps(validated).encode())
-    with contextlib.suppress(BrokenPipeError):  # a dead daemon: _await_ready says how
-        while data:
-            data = data[os.write(fd, data) :]
-    return str(validated.state_dir)
+    text = config.dumps(validated)
+    pool: dict[str, object] | None = None
+    if validated.pool.size > 0:
+        pool = {
+            "path": os.path.abspath(resolved),
+            "digest": digest,
+            "size": validated.pool.size,
+            "config": text,
+        }
+    return validated, text, pool
+
+
+def _write_ahead(fd: int, data: bytes) -> bytes:
+    """Write what the pipe takes without blocking; returns the rest."""
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except BlockingIOError:
+        pass
+    finally:
+        os.set_blocking(fd, True)
+    return bytes(view)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -133,6 +133,17 @@ class ContainerUpperConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    """Pre-booted VMs waiting for pods (docs/pool.md)."""
+
+    __pydantic_config__ = _FORBID_EXTRA
+
+    # VMs of the default size kept booted, with no pod identity, by the shared
+    # parent (shim/forker.py); 0: no pool, every pod boots its own VM.
+    size: Annotated[int, Range(ge=0, le=64)] = 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     __pydantic_config__ = _FORBID_EXTRA
 
@@ -161,6 +172,7 @@ class Config:
     # under /run: a container that writes a lot must not fill a tmpfs (host RAM).
     disk_dir: Path = Path("/var/lib/cloudhv/disks")
     container_upper: ContainerUpperConfig = field(default_factory=ContainerUpperConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     debug: bool = False
 
 
@@ -174,6 +186,11 @@ def resolve_path(option_path: str | None, env: Mapping[str, str] | None = None) 
 
 def load(path: Path) -> Config:
     """Read and validate `path`. Raises ConfigError with one clear line."""
+    return load_with_digest(path)[0]
+
+
+def load_with_digest(path: Path) -> tuple[Config, str]:
+    """`load`, and the SHA-256 of the bytes it read (pools are keyed by it)."""
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -192,7 +209,9 @@ def load(path: Path) -> Config:
         raise ConfigError(f"config {path}: JSON nested too deeply") from None
     config = parse(data, f"config {path}")
     check_host(config, f"config {path}")
-    return config
+    import hashlib
+
+    return config, hashlib.sha256(raw).hexdigest()
 
 
 HYPERVISOR_DEVICES = (Path("/dev/kvm"), Path("/dev/mshv"))

@@ -23,10 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim import config as config_mod
-from shim.cleanup import cleanup, collect_cache_garbage, collect_orphan_work_dirs
+from shim.cleanup import (
+    cleanup,
+    collect_cache_garbage,
+    collect_dead_pool,
+    collect_orphan_work_dirs,
+)
 from shim.events import Publisher
 from shim.pod import Pod
-from shim.state import PodState, ProcRef, StateError, StateStore
+from shim.state import PodState, ProcRef, StateError, StateStore, remove_pool_dir
 from shim.task import SERVICE, TaskService
 from shim.ttrpc import Server
 from shim.vmm.factory import create_vmm
@@ -136,7 +141,7 @@ def setup_logging(bundle: str, debug: bool) -> None:
     root.addHandler(handler)
 
 
-def _report(args: DaemonArgs, line: str) -> None:
+def report(args: DaemonArgs, line: str) -> None:
     """Answer `start` once on the readiness pipe, then close it."""
     fd, args.ready_fd = args.ready_fd, -1
     if fd < 0:
@@ -169,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _read_config(args.config_fd)
     except config_mod.ConfigError as err:
         log.error("event=config_invalid error=%r", str(err))
-        _report(args, f"error: {err}")
+        report(args, f"error: {err}")
         return 1
     if config.debug:
         logging.getLogger().setLevel(logging.DEBUG)
@@ -181,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(serve(args, config))
     except Exception as err:
         log.exception("event=daemon_failed")
-        _report(args, f"error: {err}")
+        report(args, f"error: {err}")
         return 1
     log.info("event=daemon_exit pod=%s", args.pod_id)
     return 0
@@ -198,21 +203,11 @@ def _stale_state(store: StateStore, args: DaemonArgs) -> PodState | None:
 
 
 async def serve(args: DaemonArgs, config: config_mod.Config) -> None:
-    loop = asyncio.get_running_loop()
     store = StateStore(config.state_dir)
-    listener = socket.socket(fileno=args.listen_fd)
     me = ProcRef(os.getpid(), process_start_time(os.getpid()) or 0)
-    stale = _stale_state(store, args)
-    if stale is not None and (stale.daemon is None or not stale.daemon.alive()):
-        # A previous daemon of this pod died and nobody ran `delete` for it.
-        for line in await asyncio.to_thread(cleanup, stale, store, keep_socket=True):
-            log.warning("event=stale_pod_cleanup pod=%s %s", args.pod_id, line)
-    # Disk images of pods whose state is gone (a host reboot empties /run), and the
-    # cache references and unfinished builds such pods left.
-    for line in await asyncio.to_thread(collect_orphan_work_dirs, store, config.disk_dir):
+    await clean_stale(store, args)
+    for line in await asyncio.to_thread(collect_garbage, store, config):
         log.warning("event=orphan_cleanup %s", line)
-    for line in await asyncio.to_thread(collect_cache_garbage, config):
-        log.warning("event=cache_cleanup %s", line)
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), args.namespace)
     pod = Pod(
         config,
@@ -223,6 +218,32 @@ async def serve(args: DaemonArgs, config: config_mod.Config) -> None:
         vmm_factory=create_vmm,
         state=PodState(pod_id=args.pod_id, namespace=args.namespace, socket=args.socket, daemon=me),
     )
+    await run(args, pod, publisher, store)
+
+
+async def clean_stale(store: StateStore, args: DaemonArgs) -> None:
+    """What a previous daemon of this pod left, if it died and nobody ran `delete`."""
+    stale = _stale_state(store, args)
+    if stale is not None and (stale.daemon is None or not stale.daemon.alive()):
+        for line in await asyncio.to_thread(cleanup, stale, store, keep_socket=True):
+            log.warning("event=stale_pod_cleanup pod=%s %s", args.pod_id, line)
+
+
+def collect_garbage(store: StateStore, config: config_mod.Config) -> list[str]:
+    """Disk images of pods whose state is gone (a host reboot empties /run), the cache
+    references and unfinished builds such pods left, pooled VMs nobody owns."""
+    return [
+        *collect_orphan_work_dirs(store, config.disk_dir),
+        *collect_cache_garbage(config),
+        *collect_dead_pool(config.state_dir),
+    ]
+
+
+async def run(args: DaemonArgs, pod: Pod, publisher: Publisher, store: StateStore) -> None:
+    """Serve the task API for `pod` on the listening socket `start` passed, until told
+    to stop; then stop the pod and remove its state."""
+    loop = asyncio.get_running_loop()
+    listener = socket.socket(fileno=args.listen_fd)
     await pod.open()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -235,7 +256,7 @@ async def serve(args: DaemonArgs, config: config_mod.Config) -> None:
             events = tg.create_task(publisher.run(), name="events")
             serving = tg.create_task(server.serve_unix(args.socket, sock=listener), name="ttrpc")
             await asyncio.sleep(0)  # let the server task start accepting
-            _report(args, "ok")
+            report(args, "ok")
             await stop.wait()
             log.info("event=daemon_stopping pod=%s", args.pod_id)
             await pod.close()
@@ -248,5 +269,7 @@ async def serve(args: DaemonArgs, config: config_mod.Config) -> None:
         with contextlib.suppress(Exception):
             await pod.close()
         await asyncio.to_thread(store.remove, args.namespace, args.pod_id)
+        if pod.state.pool_dir:  # an adopted VM's files stay where it was pooled
+            await asyncio.to_thread(remove_pool_dir, Path(pod.state.pool_dir))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.socket)

@@ -30,8 +30,13 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shim.pool import Pools
 
 SOCKET_DIR = Path("/run/cloudhv")
 REQUEST_MAX = 64 * 1024
@@ -39,6 +44,7 @@ REQUEST_TIMEOUT_S = 5.0
 # Room for a forked daemon's own command line in the forker's argv (see proctitle).
 ARGV_ROOM = 2048
 IDLE_EXIT_S = 600.0  # a forker nobody asked for this long exits (no daemon depends on it)
+ADOPT_TIMEOUT_S = 8.0  # shim/pool.py's, repeated: `start` does not import it
 
 
 def code_key() -> str:
@@ -63,21 +69,43 @@ class ForkerUnavailable(Exception):
 
 
 def request_daemon(
-    argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int], *, path: Path | None = None
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    fds: Sequence[int],
+    *,
+    path: Path | None = None,
+    pool: Mapping[str, object] | None = None,
 ) -> int:
     """Have the forker fork a daemon with `argv` (its own flags, without the fd flags),
-    `env`, and `fds` = (listen socket, ready pipe, config pipe). Returns its pid."""
+    `env`, and `fds` = (listen socket, ready pipe, config pipe), or hand the pod a
+    pooled VM of `pool` (shim/pool.py: path, digest, size, config). Returns its pid."""
+    request = {"argv": list(argv), "env": dict(env)}
+    if pool is not None:
+        request["pool"] = dict(pool)
+    return int(str(_ask(json.dumps(request).encode(), fds, path)["pid"]))
+
+
+def drain_pool(config_path: str = "", *, path: Path | None = None) -> int:
+    """Have the forker release the pooled VMs of `config_path` ("": of every config);
+    returns how many. Their daemons then shut them down."""
+    return int(str(_ask(json.dumps({"drain": config_path}).encode(), (), path)["drained"]))
+
+
+def _ask(body: bytes, fds: Sequence[int], path: Path | None) -> dict[str, object]:
     target = path or socket_path()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(REQUEST_TIMEOUT_S)
+        # A pooled VM's take is answered once it is decided (shim/pool.py).
+        sock.settimeout(REQUEST_TIMEOUT_S + ADOPT_TIMEOUT_S)
         try:
             sock.connect(str(target))
         except OSError as err:
             raise ForkerUnavailable(f"{target}: {err.strerror or err}") from None
-        body = json.dumps({"argv": list(argv), "env": dict(env)}).encode()
-        fd_array = array.array("i", fds)
-        sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_array.tobytes())])
+        if fds:
+            fd_array = array.array("i", fds)
+            sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_array.tobytes())])
+        else:
+            sock.sendall(body)
         sock.shutdown(socket.SHUT_WR)
         reply = b""
         while chunk := sock.recv(4096):
@@ -88,26 +116,34 @@ def request_daemon(
         sock.close()
     try:
         answer = json.loads(reply)
-        return int(answer["pid"])
+        if not isinstance(answer, dict) or "error" in answer:
+            raise ValueError(answer)
+        return answer
     except (ValueError, KeyError, TypeError):
         raise ForkerUnavailable(f"{target}: answered {reply[:200]!r}") from None
 
 
-def launch(key: str | None = None) -> None:
-    """Start a forker in the background, detached; it exits at once if one serves."""
+def launch(key: str | None = None, pool: Mapping[str, object] | None = None) -> None:
+    """Start a forker in the background, detached; it exits at once if one serves.
+    `pool` (as for request_daemon) is a pool it starts filling at once."""
     root = str(Path(__file__).resolve().parent.parent)
     boot = (
         f"import sys; sys.path.insert(0, {root!r}); "
         "from shim.forker import main; sys.exit(main())"
     )
-    subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-sE", "-c", boot, "--socket", str(socket_path(key)), " " * ARGV_ROOM],
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
         cwd="/",
     )
+    assert proc.stdin is not None
+    with contextlib.suppress(OSError):  # a few KiB: the pipe holds them
+        proc.stdin.write(json.dumps(dict(pool)).encode() if pool else b"")
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
 
 
 # -- the server half: the forker itself ---------------------------------------------------
@@ -128,21 +164,27 @@ def main() -> int:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     import gc
+    import selectors
 
-    # What every daemon imports, imported once here. The VMM backends and the netlink
-    # library (pyroute2, 11.6 MiB of objects: every CNI pod's daemon loads it to set
-    # up TAPs and tc, and port-forward's nftables) are imported lazily by the daemon,
-    # so they are named explicitly.
+    # What every daemon imports, imported once here (the pool's too). The VMM backends
+    # and the netlink library (pyroute2, 11.6 MiB of objects: every CNI pod's daemon
+    # loads it to set up TAPs and tc, and port-forward's nftables) are imported lazily
+    # by the daemon, so they are named explicitly.
     import pyroute2
     import pyroute2.netlink.exceptions
     import pyroute2.nftables.expressions
     import pyroute2.nftables.main
 
     import shim.daemon
+    import shim.pool
     import shim.vmm.cloud_hypervisor
     import shim.vmm.qemu
+    import shim.warm
 
     del shim, pyroute2
+    from shim.pool import Pools
+
+    initial = _read_stdin()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
@@ -152,46 +194,98 @@ def main() -> int:
     finally:
         os.umask(old_umask)
     listener.listen(64)
-    listener.settimeout(IDLE_EXIT_S)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, None)
+    pools: Pools
+
+    def close_in_child() -> list[socket.socket]:
+        return [listener, *pools.sockets()]
+
+    pools = Pools(
+        selector,
+        lambda pool: _fork_warm(pool.config_text, pool.path, close_in_child),
+        lambda argv, env, fds: _double_fork(argv, env, fds, close_in_child),
+    )
+    if initial:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            pools.register(json.loads(initial))
     gc.collect()
     gc.freeze()  # the imported objects are never collected: no GC writes to their pages
+    last_request = time.monotonic()
     try:
         while True:
-            try:
+            events = selector.select(pools.tick())
+            for key, _ in events:
+                if key.data is not None:
+                    pools.readable(key.data)
+                    continue
                 conn, _ = listener.accept()
-            except TimeoutError:
-                return 0  # idle: the next pod's start launches a new one
-            with conn:
+                last_request = time.monotonic()
                 conn.settimeout(REQUEST_TIMEOUT_S)
-                _serve_one(conn, listener)
+                _serve_one(conn, pools, close_in_child)
+            if not pools.active and time.monotonic() - last_request > IDLE_EXIT_S:
+                return 0  # idle: the next pod's start launches a new one
     finally:
+        pools.drain()
         with contextlib.suppress(OSError):
             if path.exists():
                 path.unlink()
 
 
-def _serve_one(conn: socket.socket, listener: socket.socket) -> None:
+def _read_stdin() -> bytes:
+    """The pool `launch` was given, if any (stdin is then a pipe, closed after it). A
+    stdin that stays silent (another launcher's) is not waited for long."""
+    import select
+
+    data = b""
+    with contextlib.suppress(OSError, ValueError):
+        while not os.isatty(0) and len(data) < REQUEST_MAX:
+            if not select.select([0], [], [], 1.0)[0]:
+                break
+            chunk = os.read(0, REQUEST_MAX)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+# The sockets a forked child closes (then every other descriptor but stdio and its own).
+ToClose = Callable[[], list[socket.socket]]
+
+
+def _serve_one(conn: socket.socket, pools: Pools, close: ToClose) -> None:
     fds: list[int] = []
+    handed = False
     try:
         uid = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         if int.from_bytes(uid[4:8], "little") != os.getuid():
             return
         body, fds = _receive(conn)
         request = json.loads(body)
+        if "drain" in request:
+            conn.sendall(json.dumps({"drained": pools.drain(str(request["drain"]))}).encode())
+            return
         argv = [str(a) for a in request["argv"]]
         env = {str(k): str(v) for k, v in request["env"].items()}
         if len(fds) != 3:
             raise ValueError(f"want 3 file descriptors, got {len(fds)}")
-        pid = _double_fork(argv, env, fds, (conn, listener))
+        pool = pools.register(request["pool"]) if request.get("pool") else None
+        if pool is not None and pools.offer(pool, argv, env, fds, conn):
+            handed = True  # answered once the pooled VM's daemon decided
+            return
+        # The child must not hold `conn`: start reads the answer to its EOF.
+        pid = _double_fork(argv, env, fds, lambda: [*close(), conn])
         conn.sendall(json.dumps({"pid": pid}).encode())
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps({"error": str(err)}).encode())
     finally:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        if not handed:
+            conn.close()
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
@@ -209,10 +303,35 @@ def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
             raise ValueError("request too large")
 
 
-def _double_fork(
-    argv: list[str], env: dict[str, str], fds: list[int], close: tuple[socket.socket, ...]
-) -> int:
+def _double_fork(argv: list[str], env: dict[str, str], fds: list[int], close: ToClose) -> int:
     """Fork a daemon whose parent is not us; returns its pid."""
+    return _fork_detached(lambda: _become_daemon(argv, env, fds), close, keep=fds)
+
+
+def _fork_warm(config_text: str, config_path: str, close: ToClose) -> tuple[int, socket.socket]:
+    """Fork a pooled VM's daemon (shim/warm.py); returns its pid and our end of its
+    socketpair."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def run() -> int:
+        ours.detach()  # closed already, with every descriptor not kept
+        from shim import warm
+
+        return warm.main(config_text, theirs, config_path)
+
+    try:
+        pid = _fork_detached(run, close, keep=[theirs.fileno()])
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return pid, ours
+
+
+def _fork_detached(run: Callable[[], int], close: ToClose, keep: Sequence[int]) -> int:
+    """Run `run` in a grandchild (its parent is init or the subreaper, never us), with
+    none of our descriptors but stdio and `keep`; returns its pid."""
     report_r, report_w = os.pipe()
     first = os.fork()
     if first == 0:  # the intermediate child: fork the daemon, tell its pid, exit
@@ -222,7 +341,18 @@ def _double_fork(
             second = os.fork()
             if second == 0:
                 os.close(report_w)
-                _become_daemon(argv, env, fds, close)
+                code = 1
+                try:
+                    for sock in close():
+                        if sock.fileno() not in keep:
+                            sock.close()
+                    _close_all_but(keep)
+                    import random
+
+                    random.seed()  # not the forker's sequence
+                    code = run()
+                finally:
+                    os._exit(code)
             os.write(report_w, str(second).encode())
         finally:
             os._exit(0)
@@ -235,29 +365,28 @@ def _double_fork(
     return pid
 
 
-def _become_daemon(
-    argv: list[str], env: dict[str, str], fds: list[int], close: tuple[socket.socket, ...]
-) -> None:
-    code = 1
-    try:
-        for sock in close:
-            sock.close()
-        os.environ.clear()
-        os.environ.update(env)
-        from shim import proctitle
-        from shim.daemon import main as daemon_main
+def _close_all_but(keep: Sequence[int]) -> None:
+    """Close every descriptor but stdio and `keep`: another pod's socket or pipe, or a
+    pooled VM's socketpair, held by a child would keep its EOF from ever coming."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
-        listen_fd, ready_fd, config_fd = fds
-        flags = [
-            *argv,
-            "--listen-fd", str(listen_fd),
-            "--ready-fd", str(ready_fd),
-            "--config-fd", str(config_fd),
-        ]
-        proctitle.set_title(["containerd-shim-cloudhv-v1", *flags])
-        import random
 
-        random.seed()  # not the forker's sequence
-        code = daemon_main(flags)
-    finally:
-        os._exit(code)
+def _become_daemon(argv: list[str], env: dict[str, str], fds: list[int]) -> int:
+    os.environ.clear()
+    os.environ.update(env)
+    from shim import proctitle
+    from shim.daemon import main as daemon_main
+
+    listen_fd, ready_fd, config_fd = fds
+    flags = [
+        *argv,
+        "--listen-fd", str(listen_fd),
+        "--ready-fd", str(ready_fd),
+        "--config-fd", str(config_fd),
+    ]
+    proctitle.set_title(["containerd-shim-cloudhv-v1", *flags])
+    return daemon_main(flags)

@@ -51,12 +51,15 @@ class Pod:
         agent_connect: AgentConnect = connect_agent,
         state: PodState | None = None,
         fs_host: FsHost | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.config = config
         self.id = pod_id
         self.namespace = namespace
         self._events = publisher
-        self.sandbox = Sandbox(
+        if sandbox is not None:  # a pooled VM this pod took, booted and joined already
+            sandbox.bind(self._vm_exited, self._oom)
+        self.sandbox = sandbox or Sandbox(
             config,
             state or PodState(pod_id=pod_id, namespace=namespace),
             store,

@@ -100,6 +100,12 @@ class Sandbox:
         self._watchers = Background(f"pod-{self.id}")
         self.failure = ""  # why the pod failed, if it did
 
+    def bind(
+        self, on_vm_exit: Callable[[int], Awaitable[None]], on_oom: Callable[[str], None]
+    ) -> None:
+        """Report to another owner (a pooled VM's pod, once it took the VM)."""
+        self._on_vm_exit, self._on_oom = on_vm_exit, on_oom
+
     # -- persisted state -----------------------------------------------------------------
 
     @property
@@ -109,6 +115,10 @@ class Sandbox:
     @property
     def namespace(self) -> str:
         return self._state.namespace
+
+    @property
+    def store(self) -> StateStore:
+        return self._store
 
     @property
     def work_dir(self) -> Path:
@@ -200,18 +210,18 @@ class Sandbox:
     # -- boot and stop -------------------------------------------------------------------
 
     def size(self, annotations: dict[str, str]) -> sizing.VmSize:
-        """The VM's size; raises InvalidArgument (naming the key) before anything exists."""
-        size = sizing.vm_size(
-            self.config, annotations, os.cpu_count() or 1, host_memory_mib=_host_memory_mib()
-        )
-        ignored = sizing.ignored_annotations(annotations)
-        if ignored:
-            log.debug("event=annotations_ignored pod=%s keys=%s", self.id, ",".join(ignored))
-        return size
+        return vm_size(self.config, annotations, self.id)
 
     async def boot(self, size: sizing.VmSize, hostname: str, pod: PodOptions | None = None) -> None:
-        """Start the VM and bring its agent up, its processes in the pod's cgroup. On
-        failure nothing of it is left running."""
+        """Start the VM and bring its agent up, its processes in the pod's cgroup, then
+        give it the pod's identity. On failure nothing of it is left running."""
+        pod = pod or PodOptions()
+        await self.start_vm(size, pod.cgroups_path)
+        await self.join(hostname, pod)
+
+    async def start_vm(self, size: sizing.VmSize, cgroups_path: str = "") -> None:
+        """Start the VM up to its agent answering: no hostname, NIC or disk of a pod yet
+        (a pooled VM stops here until a pod takes it). On failure nothing is left."""
         vm_dir = self._store.pod_dir(self.namespace, self.id) / "vm"
         spec = VmSpec(
             state_dir=vm_dir,
@@ -236,20 +246,15 @@ class Sandbox:
         self.failure = ""
         started = time.monotonic()
         try:
-            pod = pod or PodOptions()
-            self._cgroup = PodCgroup(cgroup_relpath(pod.cgroups_path), hierarchy_roots())
-            await self._cgroup.attach(self)
+            await self.join_cgroup(cgroups_path)
             if self._fs_host is not None:
                 root = self._store.pod_dir(self.namespace, self.id) / "fs"
                 self._shared_fs = SharedFs(Layout(root), self._fs_host)
                 await self._shared_fs.attach_host(self)
                 spec = dataclasses.replace(spec, shared_fs=self._shared_fs.spec)
-            kernel = await self._start(spec, hostname, pod)
+            kernel = await self._start(spec)
         except BaseException as err:
-            await self.stop()
-            if isinstance(err, ShimError):
-                raise type(err)(f"pod {self.id}: {err}") from err
-            raise
+            await self._failed(err)
         vmm = self._vmm
         assert vmm is not None
         log.info(
@@ -260,7 +265,60 @@ class Sandbox:
         self._watchers.spawn(self._watch_vm(vmm), "vm-watch")
         self._watchers.spawn(self._watch_oom(), "oom-watch")
 
-    async def _start(self, spec: VmSpec, hostname: str, pod: PodOptions) -> str:
+    async def join_cgroup(self, cgroups_path: str) -> None:
+        """The sandbox's cgroup, with every VMM process already running moved into it."""
+        self._cgroup = PodCgroup(cgroup_relpath(cgroups_path), hierarchy_roots())
+        await self._cgroup.attach(self)
+        state = self._state
+        pids = [ref.pid for ref in (state.vmm, *state.helpers) if ref is not None]
+        pids += [int(r.host["pid"]) for r in state.resources if r.host.get("pid", "").isdigit()]
+        for pid in pids:
+            await self._cgroup.adopt(pid)
+
+    async def join(self, hostname: str, pod: PodOptions) -> None:
+        """Give the running VM its pod: clock, hostname, DNS and hosts, sysctls, shared
+        fs, network, port forwarding. On failure the VM is stopped."""
+        started = time.monotonic()
+        try:
+            vmm, agent = self._vmm, self.require_agent()
+            assert vmm is not None
+            await step("guest setup", self._setup_guest(agent, hostname, pod))
+            if self._shared_fs is not None:
+                await self._shared_fs.attach_guest(self)
+            if pod.netns:
+                # After SetupPod, which writes the guest's default hosts file.
+                self._network = PodNetwork(pod.netns, hostname, resolv_conf=pod.resolv_conf)
+                await step("network", self._network.attach(self))
+
+                async def dial_relay() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                    until = asyncio.get_running_loop().time() + GUEST_CALL_TIMEOUT_S
+                    return await connect_hybrid_vsock(vmm.agent_socket, RELAY_PORT, deadline=until)
+
+                self._portfwd = PortForward(pod.netns, dial_relay)
+                await step("port forward", self._portfwd.attach(self))
+        except BaseException as err:
+            await self._failed(err)
+        log.info("event=vm_joined pod=%s join_ms=%d", self.id, (time.monotonic() - started) * 1000)
+
+    async def _failed(self, err: BaseException) -> None:
+        await self.stop()
+        if isinstance(err, ShimError):
+            raise type(err)(f"pod {self.id}: {err}") from err
+        raise err
+
+    async def rekey(self, store: StateStore, **identity: Any) -> None:
+        """Become another pod's sandbox (a pooled VM taken by a pod): the state is written
+        under the new identity first, then the old state file goes. The VM's files stay
+        where they are, recorded as the pool origin, and go with the pod."""
+        old_store, old = self._store, self._state
+        origin = old_store.pod_dir(old.namespace, old.pod_id)
+        async with self._save_lock:
+            state = old.replace(**identity, pool="adopted", pool_dir=str(origin))
+            await asyncio.to_thread(store.save, state)
+            self._state, self._store, self.id = state, store, state.pod_id
+        await asyncio.to_thread(old_store.forget, old.namespace, old.pod_id)
+
+    async def _start(self, spec: VmSpec) -> str:
         vmm = self._vmm_factory(self.config, spec)
         self._vmm = vmm
         await step("VMM start", vmm.start(self._record_process))
@@ -279,21 +337,8 @@ class Sandbox:
         )
         self._session = session
         agent = await step("agent connect", session.open(deadline))
-        kernel = await step("guest setup", self._setup_guest(agent, hostname, pod))
-        if self._shared_fs is not None:
-            await self._shared_fs.attach_guest(self)
-        if pod.netns:
-            # After SetupPod, which writes the guest's default hosts file.
-            self._network = PodNetwork(pod.netns, hostname, resolv_conf=pod.resolv_conf)
-            await step("network", self._network.attach(self))
-
-            async def dial_relay() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-                until = asyncio.get_running_loop().time() + GUEST_CALL_TIMEOUT_S
-                return await connect_hybrid_vsock(vmm.agent_socket, RELAY_PORT, deadline=until)
-
-            self._portfwd = PortForward(pod.netns, dial_relay)
-            await step("port forward", self._portfwd.attach(self))
-        return kernel
+        info = await step("guest info", agent.guest_info(timeout=GUEST_CALL_TIMEOUT_S))
+        return info.kernel_release
 
     async def _record_process(self, role: str, pid: int, start_time: int) -> None:
         """Persist each VMM process as it is spawned: a crash right after leaves no orphan."""
@@ -305,8 +350,7 @@ class Sandbox:
         if self._cgroup is not None:
             await self._cgroup.adopt(pid)
 
-    async def _setup_guest(self, agent: AgentClient, hostname: str, pod: PodOptions) -> str:
-        info = await agent.guest_info(timeout=GUEST_CALL_TIMEOUT_S)
+    async def _setup_guest(self, agent: AgentClient, hostname: str, pod: PodOptions) -> None:
         # The guest's clock starts from the RTC (whole seconds): exit times and
         # what containers print should agree with the host's.
         await agent.set_time(timeout=GUEST_CALL_TIMEOUT_S)
@@ -319,7 +363,6 @@ class Sandbox:
             node_ipc=pod.node_ipc,
             timeout=GUEST_CALL_TIMEOUT_S,
         )
-        return info.kernel_release
 
     async def stop(self) -> None:
         """Stop the VM and its helpers, then forget them. Idempotent.
@@ -410,6 +453,17 @@ class Sandbox:
                 continue
             if container_id:
                 self._on_oom(container_id)
+
+
+def vm_size(config: Config, annotations: dict[str, str], pod_id: str = "") -> sizing.VmSize:
+    """The VM's size; raises InvalidArgument (naming the key) before anything exists."""
+    size = sizing.vm_size(
+        config, annotations, os.cpu_count() or 1, host_memory_mib=_host_memory_mib()
+    )
+    ignored = sizing.ignored_annotations(annotations)
+    if ignored:
+        log.debug("event=annotations_ignored pod=%s keys=%s", pod_id, ",".join(ignored))
+    return size
 
 
 def _host_memory_mib() -> int:

@@ -24,6 +24,11 @@ from typing import Any
 from shim.vmm.procs import is_same_process, is_zombie
 
 STATE_FILE = "state.json"
+# Pre-booted VMs waiting for a pod (shim/pool.py) keep their state in this subdirectory
+# of the state dir, one entry per VM, under this namespace: no containerd namespace
+# can be named so (they are [a-zA-Z0-9._-]), so no pod's key is ever a pooled VM's.
+POOL_DIR = "pool"
+POOL_NAMESPACE = "@pool"
 
 
 class StateError(Exception):
@@ -73,6 +78,10 @@ class PodState:
     vcpus: int = 0
     memory_mib: int = 0
     booted_at: float = 0.0
+    # A pooled VM: "booting", then "ready"; a pod that adopted one: "adopted", with
+    # the pooled VM's directory (its sockets and files stay there) in `pool_dir`.
+    pool: str = ""
+    pool_dir: str = ""
 
     def replace(self, **changes: Any) -> PodState:
         return dataclasses.replace(self, **changes)
@@ -100,6 +109,8 @@ def from_json(text: str) -> PodState:
             vcpus=int(raw.get("vcpus", 0)),
             memory_mib=int(raw.get("memory_mib", 0)),
             booted_at=float(raw.get("booted_at", 0.0)),
+            pool=str(raw.get("pool", "")),
+            pool_dir=str(raw.get("pool_dir", "")),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise StateError(f"invalid pod state: {err!r}") from err
@@ -208,6 +219,23 @@ class StateStore:
 
     def remove(self, namespace: str, pod_id: str) -> None:
         shutil.rmtree(self.pod_dir(namespace, pod_id), ignore_errors=True)
+
+    def forget(self, namespace: str, pod_id: str) -> None:
+        """Remove the state file alone (its pod's files live on under another state)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.pod_dir(namespace, pod_id) / STATE_FILE).unlink()
+
+
+def remove_pool_dir(path: Path) -> None:
+    """Remove a pooled VM's directory, and the pool directory once it is empty."""
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
+
+
+def pool_store(state_dir: Path) -> StateStore:
+    """Where the pooled VMs of a state dir keep their state."""
+    return StateStore(state_dir / POOL_DIR)
 
 
 def _valid(pod_id: str) -> bool:

@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{config_mod.DEFAULT_PATH})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ps = sub.add_parser("ps", help="pod VMs: VMM pid, vCPUs, memory, containers, uptime")
+    ps = sub.add_parser(
+        "ps", help="pod VMs and pooled VMs: VMM pid, vCPUs, memory, containers, uptime"
+    )
     ps.add_argument("--json", action="store_true", help="one JSON object per pod")
     ps.add_argument("--no-trunc", action="store_true", help="show whole pod ids")
 
@@ -127,7 +129,7 @@ def _ps(config: config_mod.Config, args: argparse.Namespace, out: Console) -> in
             print(json.dumps(asdict(pod), default=str))
         return 0
     table = Table("POD", "NAMESPACE", "VMM PID", "VCPUS", "MEMORY", "CONTAINERS", "UPTIME",
-                  "HOST MEMORY", box=None, header_style="bold")
+                  "HOST MEMORY", "POOL", box=None, header_style="bold")
     for pod in found:
         table.add_row(
             pod.pod_id if args.no_trunc else pod.pod_id[:12],
@@ -138,10 +140,16 @@ def _ps(config: config_mod.Config, args: argparse.Namespace, out: Console) -> in
             str(pod.containers),
             _duration(pod.uptime_s) if pod.running else "not running",
             f"{pod.host_memory_kib / 1024:.1f} MiB",
+            pod.pool or "-",
         )
     out.print(table)
     if not found:
         out.print(f"(no pods in {config.state_dir})", highlight=False)
+    pooled = [pod for pod in found if pod.pool in ("ready", "booting")]
+    if pooled:
+        idle = sum(pod.host_memory_kib for pod in pooled) / 1024
+        out.print(f"pool: {len(pooled)} VM(s) not taken, {idle:.1f} MiB host memory (PSS)",
+                  highlight=False)
     return 0
 
 

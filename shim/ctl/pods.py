@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shim.state import PodState, ProcRef, StateStore
+from shim.state import POOL_NAMESPACE, PodState, ProcRef, StateStore, pool_store
 
 SANDBOX_ONLY = 1  # a pod's own task id counts in PodState.containers
 
@@ -27,15 +27,20 @@ class PodView:
     memory_mib: int
     containers: int  # app containers, the sandbox not counted
     uptime_s: float  # 0 when no VM runs
-    host_memory_kib: int  # PSS of the VMM, its helpers and the pod's daemon
+    # PSS of the VMM, its helpers (virtiofsd included) and the pod's daemon
+    host_memory_kib: int
     state_dir: Path
     vm_dir: Path
+    # "adopted": the pod runs in a VM taken from the pool; "ready"/"booting": a pooled
+    # VM no pod has taken yet (namespace "(pool)"); "": a VM the pod booted itself.
+    pool: str = ""
 
 
 def list_pods(state_dir: Path, *, now: float | None = None) -> list[PodView]:
-    store = StateStore(state_dir)
+    """Every pod of the state dir, then every pooled VM (the node pays for those too)."""
     now = time.time() if now is None else now
-    return [_view(store, st, now) for st in store.states()]
+    stores = (StateStore(state_dir), pool_store(state_dir))
+    return [_view(store, st, now) for store in stores for st in store.states()]
 
 
 def find_pod(pods: list[PodView], query: str) -> PodView:
@@ -55,11 +60,18 @@ def find_pod(pods: list[PodView], query: str) -> PodView:
 
 def _view(store: StateStore, st: PodState, now: float) -> PodView:
     vmm = st.vmm if st.vmm is not None and st.vmm.alive() else None
-    procs = [p for p in (vmm, *st.helpers, st.daemon) if p is not None and p.alive()]
+    recorded = [
+        ProcRef(int(r.host["pid"]), int(r.host.get("start_time", "0") or 0))
+        for r in st.resources
+        if r.host.get("pid", "").isdigit()
+    ]
+    procs = [
+        p for p in (vmm, *st.helpers, *recorded, st.daemon) if p is not None and p.alive()
+    ]
     apps = [c for c in st.containers if c != st.pod_id]
     return PodView(
         pod_id=st.pod_id,
-        namespace=st.namespace,
+        namespace="(pool)" if st.namespace == POOL_NAMESPACE else st.namespace,
         vmm_pid=vmm.pid if vmm else 0,
         running=vmm is not None,
         vcpus=st.vcpus,
@@ -69,6 +81,7 @@ def _view(store: StateStore, st: PodState, now: float) -> PodView:
         host_memory_kib=sum(pss_kib(p) for p in procs),
         state_dir=store.pod_dir(st.namespace, st.pod_id),
         vm_dir=Path(st.vm_dir) if st.vm_dir else store.pod_dir(st.namespace, st.pod_id) / "vm",
+        pool=st.pool,
     )
 
 

@@ -410,8 +410,11 @@ def leftovers(state_dir: Path, root: Path) -> list[str]:
         if target.startswith(str(state_dir)):
             found.append(f"mount {target}")
     for owned in (state_dir, state_dir.parent / "disks"):
-        if owned.exists():
-            found += [f"file {p}" for p in owned.rglob("*")]
+        try:
+            if owned.exists():
+                found += [f"file {p}" for p in owned.rglob("*")]
+        except FileNotFoundError as err:  # removed while listed: look again
+            found.append(f"file {err.filename} (being removed)")
     # Cached images may stay (that is the cache); references and builds may not.
     cache = state_dir.parent / "cache"
     for held in (cache / "refs", cache / "building"):

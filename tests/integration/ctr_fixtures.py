@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.integration.busybox_tree import make_busybox_tree
 from tests.integration.containerd_env import (
@@ -62,6 +64,28 @@ class Env:
         """containerd goes away for `down_s` seconds and comes back; pods keep running."""
         restart(self.containerd, self.scratch / "shim.json", down_s)
 
+    def drain_pool(self) -> int:
+        """Release this env's pooled VMs (shim/pool.py): each forker serving pools keeps
+        them per config file, and this config is the env's own."""
+        return drain_pools(self.config_path)
+
+    def pool_vms(self, status: str = "ready") -> list[dict[str, Any]]:
+        """This env's pooled VMs in `status` ("" for any), from their state files."""
+        found = []
+        for path in (self.state_dir / "pool").glob("*/state.json"):
+            with contextlib.suppress(OSError, ValueError):
+                state = json.loads(path.read_text())
+                if not status or state.get("pool") == status:
+                    found.append(state)
+        return found
+
+    def wait_pool(self, count: int, timeout: float = 180) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(ready := self.pool_vms()) < count:
+            assert time.monotonic() < deadline, f"pool: {len(ready)} of {count} VMs ready"
+            time.sleep(0.2)
+        return ready
+
     def wait_clean(self, timeout: float = 30) -> list[str]:
         deadline = time.monotonic() + timeout
         while (found := self.leftovers()) and time.monotonic() < deadline:
@@ -70,6 +94,19 @@ class Env:
 
 
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
+FORKER_DIR = Path("/run/cloudhv")
+
+
+def drain_pools(config_path: Path) -> int:
+    """Ask every forker (each version of the shim has its own) to release the pooled VMs
+    of `config_path`; how many they released."""
+    from shim import forker
+
+    drained = 0
+    for sock in FORKER_DIR.glob("forker-*.sock"):
+        with contextlib.suppress(forker.ForkerUnavailable, OSError, KeyError, ValueError):
+            drained += forker.drain_pool(str(config_path), path=sock)
+    return drained
 
 
 def shim_sockets() -> frozenset[Path]:
@@ -134,6 +171,7 @@ def containerd_env(
             try:
                 yield env
             finally:
+                drain_pools(env.config_path)
                 # A shim still running here is a failed test: it must not hang the suite.
                 for pid, _ in shim_processes(containerd):
                     with contextlib.suppress(ProcessLookupError):

@@ -15,7 +15,7 @@ import pytest
 from shim.config import parse
 from shim.ctl import cache, doctor, probe
 from shim.ctl.main import main
-from shim.state import PodState, ProcRef, StateStore
+from shim.state import POOL_NAMESPACE, PodState, ProcRef, StateStore, pool_store
 from shim.vmm.procs import process_start_time
 from tests.unit.test_structure import import_graph
 
@@ -60,6 +60,30 @@ def _pod(tmp_path: Path, pod_id: str, *, running: bool = True) -> PodState:
     return state
 
 
+def test_ps_shows_pooled_vms_and_their_memory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(tmp_path)
+    pool = pool_store(tmp_path / "state")
+    pool.save(
+        PodState(pod_id="warm-1", namespace=POOL_NAMESPACE, daemon=_me(), vmm=_me(),
+                 vcpus=1, memory_mib=256, booted_at=time.time(), pool="ready")
+    )
+    StateStore(tmp_path / "state").save(
+        PodState(pod_id="p" * 64, namespace="k8s.io", daemon=_me(), vmm=_me(), pool="adopted")
+    )
+    assert main(["--config", str(config), "ps"]) == 0
+    out = capsys.readouterr().out
+    pooled = next(line for line in out.splitlines() if line.strip().startswith("warm-1"))
+    assert pooled.split()[1] == "(pool)" and pooled.split()[-1] == "ready"
+    adopted = next(line for line in out.splitlines() if line.strip().startswith("p" * 12))
+    assert adopted.split()[-1] == "adopted"
+    summary = out.splitlines()[-1]
+    assert summary.startswith("pool: 1 VM(s) not taken, ")
+    assert summary.endswith("MiB host memory (PSS)")
+    assert float(summary.split(", ")[1].split()[0]) > 1
+
+
 def test_ps_shows_each_pod(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = _config(tmp_path)
     _pod(tmp_path, "a" * 64)
@@ -67,7 +91,7 @@ def test_ps_shows_each_pod(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(["--config", str(config), "ps"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["POD", "NAMESPACE", "VMM", "PID", "VCPUS", "MEMORY",
-                                "CONTAINERS", "UPTIME", "HOST", "MEMORY"]
+                                "CONTAINERS", "UPTIME", "HOST", "MEMORY", "POOL"]
     row_a = next(line for line in lines if line.strip().startswith("a" * 12)).split()
     assert row_a[:7] == ["a" * 12, "k8s.io", str(os.getpid()), "2", "384", "MiB", "2"]
     assert row_a[7].startswith("2m0")  # uptime from booted_at

@@ -606,3 +606,57 @@ async def test_exit_is_reported_when_a_child_keeps_the_pipe_open(harness: Harnes
     assert asyncio.get_running_loop().time() - started < 10
     assert os.read(reader, 100) == b"last words\n"
     os.close(reader)
+
+
+def _pooled(harness: Harness) -> Any:
+    """A sandbox as a pooled VM's daemon makes it (shim/warm.py): its own store and
+    identity, the VM started with no pod."""
+    from shim.sandbox import Sandbox
+    from shim.state import POOL_NAMESPACE, StateStore
+
+    async def exited(status: int) -> None:
+        del status
+
+    return Sandbox(
+        harness.config,
+        PodState(pod_id="warm-1", namespace=POOL_NAMESPACE, pool="ready"),
+        StateStore(harness.tmp / "state" / "pool"),
+        vmm_factory=harness._vmm,
+        agent_connect=harness._connect,
+        on_vm_exit=exited,
+        on_oom=lambda container_id: None,
+        fs_host=harness.fs_host,
+    )
+
+
+async def test_a_pooled_vm_is_rekeyed_to_the_pod_then_joined(harness: Harness) -> None:
+    sandbox = _pooled(harness)
+    await sandbox.start_vm(sandbox.size({}))
+    assert harness.agent is not None and harness.agent.hostname == ""  # no pod yet
+    pooled_dir = sandbox.store.pod_dir(sandbox.namespace, "warm-1")
+    assert (pooled_dir / "state.json").exists()
+    await sandbox.rekey(harness.store, pod_id=POD, namespace="default", socket="/s")
+    state = harness.persisted()
+    assert (state.pool, state.pool_dir) == ("adopted", str(pooled_dir))
+    assert state.vmm is not None and state.vmm == sandbox.state.vmm
+    assert [r.kind for r in state.resources] == ["sharedfs"]  # carried over
+    assert not (pooled_dir / "state.json").exists()
+    await sandbox.join_cgroup("")
+    await sandbox.join("web", spec_mod.PodOptions())
+    assert harness.agent.hostname == "web"
+    await sandbox.close()
+    assert harness.vmm.stopped and harness.fs_host.running() == []
+
+
+async def test_a_failed_join_stops_the_pooled_vm(harness: Harness) -> None:
+    sandbox = _pooled(harness)
+    await sandbox.start_vm(sandbox.size({}))
+    await sandbox.rekey(harness.store, pod_id=POD, namespace="default")
+    harness.failures.pending["setup_pod"] = Internal("sethostname: EINVAL")
+    with pytest.raises(ShimError) as raised:
+        await sandbox.join("web", spec_mod.PodOptions())
+    assert "guest setup" in str(raised.value) and POD in str(raised.value)
+    assert harness.vmm.stopped and harness.fs_host.running() == []
+    state = harness.persisted()
+    assert (state.vmm, state.helpers, state.resources) == (None, (), ())
+    await sandbox.close()
