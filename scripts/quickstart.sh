@@ -24,3 +24,7 @@ eval "$installed"
 echo "== running a container in a microVM (the installed runtime, a private containerd)"
 CLOUDHV_CONFIG="$CLOUDHV_CONFIG" CLOUDHV_SHIM_BIN="$CLOUDHV_SHIM_BIN" PYTHONPATH="$REPO" \
   "$CLOUDHV_VENV/bin/python" scripts/demo.py "$@"
+
+echo "== a cold and a warm start through CRI: pool.size 0, then 2 (pre-booted VMs, docs/pool.md)"
+CLOUDHV_CONFIG="$CLOUDHV_CONFIG" CLOUDHV_SHIM_BIN="$CLOUDHV_SHIM_BIN" PYTHONPATH="$REPO" \
+  "$CLOUDHV_VENV/bin/python" scripts/demo.py --warm

@@ -88,9 +88,25 @@ def _run(argv: list[str], *, timeout: float, env: dict[str, str] | None = None,
     return result
 
 
+WARM_MARK = "== a cold and a warm start"
+
+
 def _pod_output(stdout: str) -> list[str]:
-    """What the container printed (the demo adds a line of its own)."""
-    return [line for line in stdout.splitlines() if not line.startswith("(host kernel")]
+    """What the container printed (the demo adds a line of its own), before the warm
+    start's part."""
+    lines = stdout.splitlines()
+    ends = [i for i, line in enumerate(lines) if line.startswith(WARM_MARK)]
+    return [line for line in lines[: ends[0] if ends else None]
+            if not line.startswith("(host kernel")]
+
+
+def _warm_start(stdout: str) -> dict[str, tuple[int, str]]:
+    """The warm start's pods: name → (RunPodSandbox ms, what the container printed)."""
+    found = {}
+    for match in re.finditer(r"^(cold|warm) pod: RunPodSandbox (\d+) ms, first output after "
+                             r"\d+ ms: (.*)$", stdout, re.M):
+        found[match[1]] = (int(match[2]), match[3])
+    return found
 
 
 def _install_seconds(stderr: str) -> tuple[int, int]:
@@ -129,8 +145,14 @@ def test_quickstart_on_a_fresh_clone_then_without_it_then_uninstalled(scratch: P
     output = _pod_output(first.stdout)
     assert GREETING in output, first.stdout
     assert any(line.startswith("guest kernel: 6.1.") for line in output), first.stdout
+    # The warm part: a pod that adopts a pre-booted VM starts faster than one that boots.
+    pods = _warm_start(first.stdout)
+    assert pods["cold"][1] == "hello from a cold pod", first.stdout[-2000:]
+    assert pods["warm"][1] == "hello from a warm pod", first.stdout[-2000:]
+    assert pods["warm"][0] < pods["cold"][0], pods
     second = _run(quickstart, timeout=600)
     assert _pod_output(second.stdout) == output
+    assert set(_warm_start(second.stdout)) == {"cold", "warm"}, second.stdout[-2000:]
     # The dependency and build checks share locks and caches with every other checkout on
     # the host (they may wait for one), so only the installing part is held to a bound.
     (first_total, first_install), (second_total, second_install) = (
