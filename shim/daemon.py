@@ -34,8 +34,8 @@ from shim.pod import Pod
 from shim.state import PodState, ProcRef, StateError, StateStore, remove_pool_dir
 from shim.task import SERVICE, TaskService
 from shim.ttrpc import Server
-from shim.vmm.factory import create_vmm
 from shim.vmm.procs import process_start_time
+from shim.vmm_factory import create_vmm
 
 log = logging.getLogger("shim")
 

@@ -53,8 +53,8 @@ from shim.state import (
     pool_store,
     remove_pool_dir,
 )
-from shim.vmm.factory import create_vmm
 from shim.vmm.procs import process_start_time
+from shim.vmm_factory import create_vmm
 
 log = logging.getLogger("shim")
 

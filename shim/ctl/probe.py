@@ -103,7 +103,7 @@ async def boot(config: Config, candidate: Candidate, timeout: float) -> Outcome:
     """Boot the guest with `candidate` and ask its agent for GuestInfo; always stops it."""
     from shim.agent import AgentClient
     from shim.vmm.base import VmSpec
-    from shim.vmm.factory import create_vmm
+    from shim.vmm_factory import create_vmm
 
     started = time.monotonic()
     trial = apply(config, candidate)
