@@ -1,6 +1,7 @@
 """What one pod's VM costs the host, for the RuntimeClass's overhead.podFixed.
 
 Usage: python -m bench.pod_overhead [-n 3] [--memory-mib 256] [--tb-size-mib 0,64]
+       [--free-page-reporting on,off]
 (root, from the repository root, PYTHONPATH=.)
 
 Runs N CRI pods through containerd 1.6 and the cloudhv handler (one busybox container
@@ -57,24 +58,33 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=3)
     parser.add_argument("--memory-mib", type=int, default=256)
     parser.add_argument(
+        "--free-page-reporting", default="",
+        help="on,off: compare QEMU with and without the reporting balloon, one run each",
+    )
+    parser.add_argument(
         "--tb-size-mib", default="",
         help="QEMU TCG translation cache sizes to compare, one run each (0: QEMU's default)",
     )
     args = parser.parse_args()
     sizes = [int(v) for v in args.tb_size_mib.split(",")] if args.tb_size_mib else [None]
+    reporting = [v == "on" for v in args.free_page_reporting.split(",")] if (
+        args.free_page_reporting) else [None]
     for tb_size in sizes:
-        if tb_size is not None:
-            print(f"== qemu.tcg_tb_size_mib {tb_size}")
-        measure(args, tb_size)
+        for report in reporting:
+            if tb_size is not None or report is not None:
+                print(f"== qemu.tcg_tb_size_mib {tb_size}, free_page_reporting {report}")
+            measure(args, tb_size, report)
 
 
-def measure(args: argparse.Namespace, tb_size: int | None) -> None:
+def measure(args: argparse.Namespace, tb_size: int | None, report: bool | None) -> None:
     overrides: dict[str, object] = {"default_memory_mib": args.memory_mib}
+    qemu: dict[str, object] = {"accel": os.environ.get("CLOUDHV_ACCEL", "tcg"), "hotplug_slots": 8}
     if tb_size is not None:
-        overrides["qemu"] = {
-            "accel": os.environ.get("CLOUDHV_ACCEL", "tcg"), "hotplug_slots": 8,
-            "tcg_tb_size_mib": tb_size,
-        }
+        qemu["tcg_tb_size_mib"] = tb_size
+    if report is not None:
+        qemu["free_page_reporting"] = report
+    if len(qemu) > 2:
+        overrides["qemu"] = qemu
     with containerd_env(**overrides) as env:
         cri = CriClient(env.containerd.address)
         pb, rt = cri.pb, cri.runtime

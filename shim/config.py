@@ -79,6 +79,9 @@ class QemuConfig:
     # TCG's translated-code cache. QEMU's own default (1 GiB) is a ceiling a small
     # guest keeps filling, and every page of it is the host's; 0 keeps that default.
     tcg_tb_size_mib: Annotated[int, Range(ge=0, le=1024)] = TCG_TB_SIZE_MIB
+    # A virtio-balloon that only reports the guest's free pages, which QEMU then gives
+    # back to the host: memory a workload used and freed stops costing the node.
+    free_page_reporting: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

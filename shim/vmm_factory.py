@@ -22,6 +22,7 @@ def create_vmm(config: Config, spec: VmSpec) -> Vmm:
                 vsock_backend=config.qemu.vsock_backend,
                 hotplug_slots=config.qemu.hotplug_slots,
                 tcg_tb_size_mib=config.qemu.tcg_tb_size_mib,
+                free_page_reporting=config.qemu.free_page_reporting,
             ),
         )
     if config.vmm == "cloud-hypervisor":

@@ -66,6 +66,7 @@ class QemuOptions:
     vsock_backend: Path
     hotplug_slots: int = 8
     tcg_tb_size_mib: int = 0  # 0: QEMU's default translation cache
+    free_page_reporting: bool = False  # a virtio-balloon reporting the guest's free pages
     # Disks attached at boot, the first as /dev/vda; empty: the spec's rootfs, read-only.
     boot_disks: tuple[DiskSpec, ...] = ()
     serial: SerialMode = "log"
@@ -171,6 +172,8 @@ class QemuVmm(Vmm):
                 "-device",
                 f"vhost-user-fs-pci,chardev=fs0,tag={spec.shared_fs.tag},queue-size=1024",
             ]
+        if opts.free_page_reporting:
+            cmd += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
         for index in range(opts.hotplug_slots):
             cmd += ["-device", f"pcie-root-port,id=rp{index},bus=pcie.0,chassis={index + 1},slot=0"]
         return cmd

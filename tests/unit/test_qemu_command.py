@@ -28,3 +28,13 @@ def test_zero_keeps_qemus_default_and_kvm_has_no_cache(tmp_path: Path) -> None:
 
 def test_the_config_default_reaches_the_backend() -> None:
     assert config_mod.QemuConfig().tcg_tb_size_mib == config_mod.TCG_TB_SIZE_MIB > 0
+
+
+def test_the_reporting_balloon_only_when_asked(tmp_path: Path) -> None:
+    spec = VmSpec(tmp_path, Path("/k"), Path("/r"), "quiet", 1, 1, 256)
+    plain = QemuVmm(spec, QemuOptions(Path("/q"), "tcg", Path("/v"))).command()
+    assert not any("virtio-balloon" in arg for arg in plain)
+    asked = QemuOptions(Path("/q"), "tcg", Path("/v"), free_page_reporting=True)
+    argv = QemuVmm(spec, asked).command()
+    assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in argv
+    assert config_mod.QemuConfig().free_page_reporting
