@@ -149,6 +149,33 @@ def launch(key: str | None = None, pool: Mapping[str, object] | None = None) -> 
 # -- the server half: the forker itself ---------------------------------------------------
 
 
+def collect_stale(directory: Path, own: Path) -> list[Path]:
+    """Remove the sockets and locks of forkers (other versions) that are gone: a lock
+    nobody holds. Each version's files would otherwise stay in /run for good."""
+    removed = []
+    for lock_path in directory.glob("forker-*.sock.lock"):
+        if lock_path == Path(f"{own}.lock"):
+            continue
+        try:
+            fd = os.open(lock_path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its forker serves
+        try:
+            socket_path = lock_path.with_name(lock_path.name.removesuffix(".lock"))
+            for stale in (socket_path, lock_path):
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+                    removed.append(stale)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def main() -> int:
     path = Path(sys.argv[sys.argv.index("--socket") + 1])
     SOCKET_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -163,6 +190,7 @@ def main() -> int:
         return 0  # another forker of this version serves already
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+    collect_stale(path.parent, path)
     import gc
     import selectors
 
@@ -228,9 +256,9 @@ def main() -> int:
                 return 0  # idle: the next pod's start launches a new one
     finally:
         pools.drain()
-        with contextlib.suppress(OSError):
-            if path.exists():
-                path.unlink()
+        for mine in (path, Path(f"{path}.lock")):  # the lock is held until we exit
+            with contextlib.suppress(OSError):
+                mine.unlink()
 
 
 def _read_stdin() -> bytes:

@@ -130,3 +130,28 @@ def test_a_killed_forkers_socket_does_not_keep_a_new_one_out(sock_dir: Path) -> 
     finally:
         second.kill()
         second.wait()
+
+
+def test_stale_forker_files_go_and_a_live_forkers_stay(tmp_path: Path) -> None:
+    own = tmp_path / "forker-own.sock"
+    for name in ("gone", "live"):
+        (tmp_path / f"forker-{name}.sock").write_text("")
+        (tmp_path / f"forker-{name}.sock.lock").write_text("")
+    own.write_text("")
+    Path(f"{own}.lock").write_text("")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_WRONLY); "
+         "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(tmp_path / "forker-live.sock.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        removed = forker.collect_stale(tmp_path, own)
+    finally:
+        holder.communicate("")
+    assert sorted(p.name for p in removed) == ["forker-gone.sock", "forker-gone.sock.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "forker-live.sock", "forker-live.sock.lock", "forker-own.sock", "forker-own.sock.lock"
+    ]
