@@ -3,7 +3,8 @@
 Usage (root, repository root, after scripts/test.sh's setup and build; PYTHONPATH=.):
     python -m bench [-n 5] [--quick]
 Starts a private containerd (tests/integration's harness), runs each measurement N
-times side by side, and writes bench/results.json and PNG charts in bench/. The
+times side by side, and writes bench/results.json and PNG charts in bench/
+(scaling.png; phases.png, where a pod start's time goes, from the shim's events). The
 targets of docs/performance.md are printed with the measured figures.
 """
 
@@ -77,6 +78,18 @@ def _charts(results: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(OUT / "scaling.png", dpi=100)
     plt.close(fig)
+    phases = results["pod_start"].get("phases_ms") or {}
+    if phases:
+        fig, axis = plt.subplots(figsize=(10, 3))
+        left = 0.0
+        for name, ms in phases.items():
+            axis.barh([0], [ms], left=left, label=f"{name} ({ms:.0f} ms)")
+            left += ms
+        axis.set(xlabel="ms from RunPodSandbox", yticks=[], title="Where a pod start goes")
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2)
+        fig.tight_layout()
+        fig.savefig(OUT / "phases.png", dpi=100)
+        plt.close(fig)
 
 
 def _print_targets(results: dict[str, Any]) -> None:
@@ -99,6 +112,8 @@ def _print_targets(results: dict[str, Any]) -> None:
     ]
     for what, value in lines:
         print(f"{what:48} {value}")
+    for name, ms in (start.get("phases_ms") or {}).items():
+        print(f"  pod start phase: {name:50} {ms:6.0f} ms")
 
 
 if __name__ == "__main__":

@@ -214,12 +214,16 @@ def pod_start_vs_bare_boot(env: Env, n: int) -> dict[str, Any]:
     the same kernel and rootfs on the same VMM to agent-ready; interleaved, N each."""
     pods = Pods(env)
     starts, bares, runs = [], [], []
+    phases: dict[str, list[float]] = {}
     try:
         for _ in range(n):
             bares += bare_boots(1)
-            pod, _, ran, to_log = pods.run(["sh", "-c", "echo first; sleep 600"])
+            began = time.time()
+            pod, cid, ran, to_log = pods.run(["sh", "-c", "echo first; sleep 600"])
             starts.append(to_log)
             runs.append(ran)
+            for name, seconds in pod_phases(env, pod, cid, began, ran, to_log).items():
+                phases.setdefault(name, []).append(seconds)
             pods.remove(pod)
     finally:
         pods.close()
@@ -228,7 +232,49 @@ def pod_start_vs_bare_boot(env: Env, n: int) -> dict[str, Any]:
         "run_pod_sandbox_s": summary(runs),
         "bare_boot_s": summary(bares),
         "ratio": statistics.median(starts) / statistics.median(bares),
+        "phases_ms": {name: statistics.median(v) * 1000 for name, v in phases.items()},
     }
+
+
+# The daemon's own log lines, as containerd copies them into its log.
+_EVENT = re.compile(r'^time="([^"]+)" \S+ shim=cloudhv pid=(\d+) event=(\w+)(.*)$')
+
+
+def pod_phases(
+    env: Env, pod_id: str, container_id: str, began: float, run_s: float, output_s: float
+) -> dict[str, float]:
+    """Where a pod start's time went (seconds), from the events the shim logs: its
+    daemon's start, the VMM launch, the VM ready, the pod joined, the container created;
+    `began` is the wall time RunPodSandbox was called at."""
+    import datetime
+
+    at: dict[str, float] = {}
+    daemon = ""
+    text = (env.containerd.root / "containerd.log").read_text(errors="replace")
+    for line in text.splitlines():
+        match = _EVENT.match(line)
+        if not match:
+            continue
+        stamp, pid, event, rest = match.groups()
+        if event == "daemon_start" and f"pod={pod_id}" in rest:
+            daemon = pid
+        if pid != daemon or event in at:
+            continue
+        if event == "container_created" and f"container={container_id}" not in rest:
+            continue
+        at[event] = datetime.datetime.fromisoformat(stamp).timestamp()
+    marks = [
+        ("containerd, then `start` until the daemon runs", began, at.get("daemon_start")),
+        ("daemon: cgroup, virtiofsd, vsock backend", at.get("daemon_start"), at.get("vmm_launch")),
+        ("VMM launch to agent ready (the boot)", at.get("vmm_launch"), at.get("vm_ready")),
+        ("guest setup: NIC, addresses, DNS, SetupPod", at.get("vm_ready"), at.get("vm_joined")),
+        ("containerd finishing RunPodSandbox", at.get("vm_joined"), began + run_s),
+        ("container create: disks, copies, crun create", began + run_s,
+         at.get("container_created")),
+        ("crun start to the first line in the CRI log", at.get("container_created"),
+         began + output_s),
+    ]
+    return {name: end - start for name, start, end in marks if start and end}
 
 
 def burst(env: Env, count: int) -> dict[str, Any]:
