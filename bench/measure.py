@@ -121,34 +121,14 @@ class Pods:
 
     def run(self, command: list[str], *, name: str = "") -> tuple[str, str, float, float]:
         """(pod id, container id, RunPodSandbox s, RunPodSandbox → first log line s)."""
-        pb, rt = self.pb, self.cri.runtime
         # Unique across every Pods of a run: a log file reused would already hold
         # lines, and "first output" would be seen at once.
         name = name or f"m{next(_POD_NUMBERS)}"
         log_dir = self.env.scratch / "logs" / name
         log_dir.mkdir(parents=True, exist_ok=True)
-        config = pb.PodSandboxConfig(
-            metadata=pb.PodSandboxMetadata(name=name, uid=f"u-{name}", namespace="bench"),
-            hostname=name,
-            log_directory=str(log_dir),
-        )
         started = time.monotonic()
-        pod = rt.RunPodSandbox(
-            pb.RunPodSandboxRequest(config=config, runtime_handler=HANDLER), timeout=300
-        ).pod_sandbox_id
-        ran = time.monotonic() - started
+        pod, cid, ran = self.cri.start_pod(name, log_dir, BUSYBOX, command)
         self.ids.append(pod)
-        container = pb.ContainerConfig(
-            metadata=pb.ContainerMetadata(name="app"),
-            image=pb.ImageSpec(image=BUSYBOX),
-            command=command,
-            log_path="app.log",
-        )
-        cid = rt.CreateContainer(
-            pb.CreateContainerRequest(pod_sandbox_id=pod, config=container, sandbox_config=config),
-            timeout=300,
-        ).container_id
-        rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=300)
         log = self.last_log = log_dir / "app.log"
         while not (log.exists() and log.stat().st_size > 0):
             time.sleep(0.002)
@@ -160,9 +140,7 @@ class Pods:
         )
 
     def remove(self, pod: str) -> None:
-        rt, pb = self.cri.runtime, self.pb
-        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=300)
-        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=300)
+        self.cri.remove_pod(pod)
         self.ids.remove(pod)
 
     def close(self) -> None:

@@ -39,39 +39,20 @@ class Runner:
 
     def pod(self) -> tuple[float, float, str]:
         """(RunPodSandbox s, RunPodSandbox to first output s, pool origin); pod removed."""
-        pb, rt = self.cri.pb, self.cri.runtime
         self.count += 1
         name = f"{self.name}{self.count}"
         log_dir = self.env.scratch / "logs" / name
         log_dir.mkdir(parents=True)
-        config = pb.PodSandboxConfig(
-            metadata=pb.PodSandboxMetadata(name=name, uid=f"u-{name}", namespace="bench"),
-            hostname=name,
-            log_directory=str(log_dir),
-        )
         started = time.monotonic()
-        pod = rt.RunPodSandbox(
-            pb.RunPodSandboxRequest(config=config, runtime_handler=HANDLER), timeout=180
-        ).pod_sandbox_id
-        run_s = time.monotonic() - started
-        origin = _origin(self.env, pod)
-        container = pb.ContainerConfig(
-            metadata=pb.ContainerMetadata(name="app"),
-            image=pb.ImageSpec(image=BUSYBOX),
-            command=["sh", "-c", "echo first-output; sleep 600"],
-            log_path="app.log",
+        pod, _, run_s = self.cri.start_pod(
+            name, log_dir, BUSYBOX, ["sh", "-c", "echo first-output; sleep 600"], timeout=180
         )
-        cid = rt.CreateContainer(
-            pb.CreateContainerRequest(pod_sandbox_id=pod, config=container, sandbox_config=config),
-            timeout=180,
-        ).container_id
-        rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=180)
+        origin = _origin(self.env, pod)
         log = log_dir / "app.log"
         while not (log.exists() and b"first-output" in log.read_bytes()):
             time.sleep(0.005)
         output_s = time.monotonic() - started
-        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
-        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+        self.cri.remove_pod(pod, timeout=120)
         return run_s, output_s, origin
 
 

@@ -101,30 +101,12 @@ def _ready(pool_dir: Path) -> list[Path]:
 
 
 def _timed_pod(cri: CriClient, root: Path, name: str) -> None:
-    pb, rt = cri.pb, cri.runtime
     log_dir = root / "logs" / name
     log_dir.mkdir(parents=True)
-    config = pb.PodSandboxConfig(
-        metadata=pb.PodSandboxMetadata(name=name, uid=f"demo-{name}", namespace="demo"),
-        hostname=name,
-        log_directory=str(log_dir),
-    )
     started = time.monotonic()
-    pod = rt.RunPodSandbox(
-        pb.RunPodSandboxRequest(config=config, runtime_handler="cloudhv"), timeout=300
-    ).pod_sandbox_id
-    ran = time.monotonic() - started
-    container = pb.ContainerConfig(
-        metadata=pb.ContainerMetadata(name="app"),
-        image=pb.ImageSpec(image=IMAGE),
-        command=["sh", "-c", f"echo hello from a {name} pod"],
-        log_path="app.log",
+    pod, _, ran = cri.start_pod(
+        name, log_dir, IMAGE, ["sh", "-c", f"echo hello from a {name} pod"], namespace="demo"
     )
-    cid = rt.CreateContainer(
-        pb.CreateContainerRequest(pod_sandbox_id=pod, config=container, sandbox_config=config),
-        timeout=300,
-    ).container_id
-    rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=300)
     log = log_dir / "app.log"
     while not (log.exists() and b"hello" in log.read_bytes()):
         time.sleep(0.01)
@@ -132,8 +114,7 @@ def _timed_pod(cri: CriClient, root: Path, name: str) -> None:
     line = log.read_text().splitlines()[0].split(" ", 3)[-1]
     print(f"{name} pod: RunPodSandbox {ran * 1000:.0f} ms, first output after "
           f"{output * 1000:.0f} ms: {line}")
-    rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
-    rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    cri.remove_pod(pod, timeout=120)
 
 
 if __name__ == "__main__":

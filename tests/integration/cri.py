@@ -9,6 +9,7 @@ import importlib
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -70,6 +71,42 @@ class CriClient:
 
     def close(self) -> None:
         self._channel.close()
+
+    def start_pod(
+        self, name: str, log_dir: Path, image: str, command: list[str], *,
+        namespace: str = "bench", handler: str = "cloudhv", timeout: float = 300,
+    ) -> tuple[str, str, float]:
+        """RunPodSandbox, then one container (`app`, logging to log_dir/app.log) created
+        and started: (pod id, container id, RunPodSandbox seconds)."""
+        pb, rt = self.pb, self.runtime
+        config = pb.PodSandboxConfig(
+            metadata=pb.PodSandboxMetadata(name=name, uid=f"u-{name}", namespace=namespace),
+            hostname=name,
+            log_directory=str(log_dir),
+        )
+        started = time.monotonic()
+        pod = rt.RunPodSandbox(
+            pb.RunPodSandboxRequest(config=config, runtime_handler=handler), timeout=timeout
+        ).pod_sandbox_id
+        ran = time.monotonic() - started
+        container = pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name="app"),
+            image=pb.ImageSpec(image=image),
+            command=command,
+            log_path="app.log",
+        )
+        cid = rt.CreateContainer(
+            pb.CreateContainerRequest(pod_sandbox_id=pod, config=container, sandbox_config=config),
+            timeout=timeout,
+        ).container_id
+        rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=timeout)
+        return pod, cid, ran
+
+    def remove_pod(self, pod_id: str, timeout: float = 300) -> None:
+        self.runtime.StopPodSandbox(self.pb.StopPodSandboxRequest(pod_sandbox_id=pod_id),
+                                    timeout=timeout)
+        self.runtime.RemovePodSandbox(self.pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id),
+                                      timeout=timeout)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pb, name)
