@@ -106,6 +106,23 @@ class Pod:
         )
         return r.stdout, r.stderr, r.exit_code
 
+    def wait_all_exited(self, timeout: float = 60) -> None:
+        """Until CRI reports every container of the pod exited."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = {
+                c.metadata.name: c.state
+                for c in self.cri.runtime.ListContainers(
+                    self.pb.ListContainersRequest(
+                        filter=self.pb.ContainerFilter(pod_sandbox_id=self.id)
+                    )
+                ).containers
+            }
+            if all(s == self.pb.CONTAINER_EXITED for s in states.values()):
+                return
+            assert time.monotonic() < deadline, states
+            time.sleep(0.2)
+
     def remove(self) -> None:
         pb = self.pb
         self.cri.runtime.StopPodSandbox(
@@ -334,20 +351,7 @@ def test_pod_is_cleaned_up_after_its_shim_is_killed(cri: CriClient, env: Env) ->
         os.kill(shims[0][0], signal.SIGKILL)
         # containerd sees the shim gone, runs `delete` for each task, and CRI reports
         # the containers exited; the pod can then be stopped and removed as usual.
-        deadline = time.monotonic() + 60
-        while True:
-            states = {
-                c.metadata.name: c.state
-                for c in cri.runtime.ListContainers(
-                    cri.pb.ListContainersRequest(
-                        filter=cri.pb.ContainerFilter(pod_sandbox_id=pod.id)
-                    )
-                ).containers
-            }
-            if all(s == cri.pb.CONTAINER_EXITED for s in states.values()):
-                break
-            assert time.monotonic() < deadline, states
-            time.sleep(0.2)
+        pod.wait_all_exited()
     finally:
         pod.remove()
     assert env.wait_clean() == []

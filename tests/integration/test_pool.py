@@ -247,20 +247,7 @@ def test_delete_removes_an_adopted_vm_after_its_shim_is_killed(
         shims = shim_processes(env.containerd)
         assert len(shims) == 1, shims
         os.kill(shims[0][0], signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while True:
-            states = {
-                c.metadata.name: c.state
-                for c in cri.runtime.ListContainers(
-                    cri.pb.ListContainersRequest(
-                        filter=cri.pb.ContainerFilter(pod_sandbox_id=pod.id)
-                    )
-                ).containers
-            }
-            if all(s == cri.pb.CONTAINER_EXITED for s in states.values()):
-                break
-            assert time.monotonic() < deadline, states
-            time.sleep(0.2)
+        pod.wait_all_exited()
     finally:
         pod.remove()
     # containerd runs `delete` for a dead shim's tasks in the background.
