@@ -11,7 +11,7 @@ cat > "$tmp" <<WRAPPER
 #!$VENV/bin/python -sE
 import sys
 sys.path.insert(0, "$REPO")
-from shim.cli import main
+from shim.entry import main
 sys.exit(main())
 WRAPPER
 chmod 0755 "$tmp"

@@ -184,10 +184,18 @@ if [ -n "$PAYLOAD" ] && [ ! -x "$VSOCK_BACKEND" ] && [ -x "$PAYLOAD/bin/vhost-de
   record "$PREFIX/bin"
   VSOCK_BACKEND="$PREFIX/bin/vhost-device-vsock"
 fi
-for cmd in containerd-shim-cloudhv-v1 cloudhvctl; do
-  ln -sfn "$VENV/bin/$cmd" "$BINDIR/$cmd"
-  record "$BINDIR/$cmd"
-done
+# containerd runs the shim binary twice per container: it starts the interpreter and
+# hands the invocation to the shared parent (shim/entry.py), so it is kept leaner than
+# pip's console script (which imports re, and reads the user site).
+launcher=$(mktemp)
+printf '#!%s -sE\nimport sys\nfrom shim.entry import main\nsys.exit(main())\n' \
+  "$VENV/bin/python" > "$launcher"
+[ -L "$BINDIR/containerd-shim-cloudhv-v1" ] && rm -f "$BINDIR/containerd-shim-cloudhv-v1"
+put "$launcher" "$BINDIR/containerd-shim-cloudhv-v1"
+chmod 0755 "$BINDIR/containerd-shim-cloudhv-v1"
+rm -f "$launcher"
+ln -sfn "$VENV/bin/cloudhvctl" "$BINDIR/cloudhvctl"
+record "$BINDIR/cloudhvctl"
 record "$DATADIR"
 # uninstall.sh must outlive the checkout.
 install -m 0755 "$(dirname "$0")/uninstall.sh" "$PREFIX/uninstall.sh"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shim import bundle as bundle_mod
-from shim import forker, pbwire, spec
+from shim import forker_client, pbwire, spec
 from shim.bundle import SocketPathError, can_connect, socket_path, write_address
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 RUNTIME = "io.containerd.cloudhv.v1"
 VERSION = "0.1.0"
 READY_TIMEOUT_S = 20.0
+# Configs this code validated, by content (shim/config.py load_with_digest).
+VALIDATED_DIR = Path(forker_client.SOCKET_DIR, "configs")
 
 
 class UsageError(Exception):
@@ -209,12 +211,13 @@ def _launch_daemon(
     """Ask the shared parent for a daemon (or a pooled VM's); spawn one here when none
     of this version serves (and start one for the pods to come)."""
     try:
-        pid = forker.request_daemon(_daemon_flags(args, pod_id, path), os.environ, fds, pool=pool)
+        flags = _daemon_flags(args, pod_id, path)
+        pid = forker_client.request_daemon(flags, os.environ, fds, pool=pool)
         return _Daemon(pid)
-    except forker.ForkerUnavailable:
+    except forker_client.ForkerUnavailable:
         # None answered: none runs, or a killed one left its socket. A new one serves
         # the next pod (it exits at once if another holds the forker's lock).
-        forker.launch(pool=pool)
+        forker_client.launch(pool=pool)
     proc = subprocess.Popen(
         _daemon_argv(args, pod_id, path, fds),
         stdin=subprocess.DEVNULL,
@@ -307,7 +310,7 @@ def _load_config(config_path: str) -> tuple[Config, str, dict[str, object] | Non
 
     resolved = config.resolve_path(config_path)
     try:
-        validated, digest = config.load_with_digest(resolved)
+        validated, digest = config.load_with_digest(resolved, VALIDATED_DIR)
     except config.ConfigError as err:
         raise UsageError(str(err)) from None
     text = config.dumps(validated)
@@ -336,7 +339,8 @@ def _write_ahead(fd: int, data: bytes) -> bytes:
     return bytes(view)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, stdin: bytes | None = None) -> int:
+    """Run one invocation. `stdin`: what shim/entry.py read of it already, if anything."""
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as err:
@@ -358,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.action == "start":
             _require(args, "namespace", "address", "id")
-            stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+            if stdin is None:
+                stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
             sys.stdout.buffer.write(start(args, stdin))
             return 0
         if args.action == "delete":

@@ -192,12 +192,77 @@ def load(path: Path) -> Config:
     return load_with_digest(path)[0]
 
 
-def load_with_digest(path: Path) -> tuple[Config, str]:
-    """`load`, and the SHA-256 of the bytes it read (pools are keyed by it)."""
+def load_with_digest(path: Path, validated_dir: Path | None = None) -> tuple[Config, str]:
+    """`load`, and the SHA-256 of the bytes it read (pools are keyed by it).
+
+    With `validated_dir`, a config whose bytes this code validated before is taken
+    from there instead of validated again: pydantic's import and schema build are
+    ~150 ms of CPU, paid by every pod's `start` otherwise. Only what the bytes alone
+    decide is kept; what the host must have (`check_host`) is checked every time.
+    """
+    import hashlib
+
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"config {path}: cannot read: {err.strerror or err}") from err
+    digest = hashlib.sha256(raw).hexdigest()
+    kept = validated_dir / f"{_code_version()}-{digest}.json" if validated_dir else None
+    if kept is not None:
+        config = _read_validated(kept)
+        if config is not None:
+            check_host(config, f"config {path}")
+            return config, digest
+    config = _validate(raw, path)
+    if kept is not None:
+        _keep_validated(kept, config)
+    return config, digest
+
+
+def _code_version() -> str:
+    from shim import parent_wire
+
+    return parent_wire.code_key()
+
+
+def _read_validated(kept: Path) -> Config | None:
+    try:
+        return from_trusted(kept.read_text())
+    except (OSError, ConfigError):
+        return None
+
+
+def _keep_validated(kept: Path, config: Config) -> None:
+    """Written whole or not at all; a directory that cannot be written to costs only
+    the next validation."""
+    try:
+        kept.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        scratch = kept.with_name(f".{kept.name}.{os.getpid()}")
+        scratch.write_text(dumps(config))
+        scratch.replace(kept)
+    except OSError:
+        pass
+
+
+def collect_validated(validated_dir: Path) -> list[Path]:
+    """Remove what other versions of the code validated (each upgrade's would stay)."""
+    removed: list[Path] = []
+    prefix = f"{_code_version()}-"
+    try:
+        entries = list(validated_dir.iterdir())
+    except OSError:
+        return removed
+    for kept in entries:
+        if not kept.name.startswith(prefix):
+            try:
+                kept.unlink()
+                removed.append(kept)
+            except OSError:
+                pass
+    return removed
+
+
+def _validate(raw: bytes, path: Path) -> Config:
     if len(raw) > MAX_BYTES:
         raise ConfigError(f"config {path}: {len(raw)} bytes, more than a config can be")
     try:
@@ -212,9 +277,7 @@ def load_with_digest(path: Path) -> tuple[Config, str]:
         raise ConfigError(f"config {path}: JSON nested too deeply") from None
     config = parse(data, f"config {path}")
     check_host(config, f"config {path}")
-    import hashlib
-
-    return config, hashlib.sha256(raw).hexdigest()
+    return config
 
 
 HYPERVISOR_DEVICES = (Path("/dev/kvm"), Path("/dev/mshv"))

@@ -9,13 +9,15 @@ Crash isolation is kept: the parent double-forks, so a daemon's parent is init (
 the subreaper), never the forker, and killing the forker affects no running pod.
 One daemon still serves one pod: a daemon's crash takes only its pod with it.
 
-`start` (shim/cli.py) asks the forker for a daemon over a Unix socket, passing the
-pod's listening socket and the ready and config pipes as file descriptors. When no
-forker answers, or one of another version of the shim, `start` spawns the daemon
-itself (and a forker for the next pod). The forker's socket name carries a hash of
-the shim's code, so an upgrade never forks old code.
+`start` (shim/cli.py, through shim/forker_client.py) asks the forker for a daemon
+over a Unix socket, passing the pod's listening socket and the ready and config
+pipes as file descriptors. When no forker answers, or one of another version of the
+shim, `start` spawns the daemon itself (and a forker for the next pod). The forker's
+socket name carries a hash of the shim's code, so an upgrade never forks old code.
 
-Only the standard library at import time: `start` imports the client half.
+The forker also runs the binary's `start` and `delete` invocations (shim/entry.py):
+each in a forked worker that has the shim imported already, so an invocation costs
+an interpreter start and a fork instead of its imports.
 """
 
 from __future__ import annotations
@@ -23,127 +25,24 @@ from __future__ import annotations
 import array
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from shim import parent_wire
+from shim.forker_client import REQUEST_MAX, REQUEST_TIMEOUT_S, SOCKET_DIR
 
 if TYPE_CHECKING:
     from shim.pool import Pools
 
-SOCKET_DIR = Path("/run/cloudhv")
-REQUEST_MAX = 64 * 1024
-REQUEST_TIMEOUT_S = 5.0
-# Room for a forked daemon's own command line in the forker's argv (see proctitle).
-ARGV_ROOM = 2048
 IDLE_EXIT_S = 600.0  # a forker nobody asked for this long exits (no daemon depends on it)
-ADOPT_TIMEOUT_S = 8.0  # shim/pool.py's, repeated: `start` does not import it
-
-
-def code_key() -> str:
-    """A short hash of the shim's code (names, sizes, mtimes): the forker's version."""
-    root = Path(__file__).resolve().parent
-    digest = hashlib.sha256(sys.executable.encode())
-    for path in sorted(root.rglob("*.py")):
-        info = path.stat()
-        digest.update(f"{path.relative_to(root)}:{info.st_size}:{info.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
-
-
-def socket_path(key: str | None = None) -> Path:
-    return SOCKET_DIR / f"forker-{key or code_key()}.sock"
-
-
-# -- the client half: `start` ----------------------------------------------------------
-
-
-class ForkerUnavailable(Exception):
-    """No forker of this version answered; the caller spawns the daemon itself."""
-
-
-def request_daemon(
-    argv: Sequence[str],
-    env: Mapping[str, str],
-    fds: Sequence[int],
-    *,
-    path: Path | None = None,
-    pool: Mapping[str, object] | None = None,
-) -> int:
-    """Have the forker fork a daemon with `argv` (its own flags, without the fd flags),
-    `env`, and `fds` = (listen socket, ready pipe, config pipe), or hand the pod a
-    pooled VM of `pool` (shim/pool.py: path, digest, size, config). Returns its pid."""
-    request = {"argv": list(argv), "env": dict(env)}
-    if pool is not None:
-        request["pool"] = dict(pool)
-    return int(str(_ask(json.dumps(request).encode(), fds, path)["pid"]))
-
-
-def drain_pool(config_path: str = "", *, path: Path | None = None) -> int:
-    """Have the forker release the pooled VMs of `config_path` ("": of every config);
-    returns how many. Their daemons then shut them down."""
-    return int(str(_ask(json.dumps({"drain": config_path}).encode(), (), path)["drained"]))
-
-
-def _ask(body: bytes, fds: Sequence[int], path: Path | None) -> dict[str, object]:
-    target = path or socket_path()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # A pooled VM's take is answered once it is decided (shim/pool.py).
-        sock.settimeout(REQUEST_TIMEOUT_S + ADOPT_TIMEOUT_S)
-        try:
-            sock.connect(str(target))
-        except OSError as err:
-            raise ForkerUnavailable(f"{target}: {err.strerror or err}") from None
-        if fds:
-            fd_array = array.array("i", fds)
-            sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_array.tobytes())])
-        else:
-            sock.sendall(body)
-        sock.shutdown(socket.SHUT_WR)
-        reply = b""
-        while chunk := sock.recv(4096):
-            reply += chunk
-    except (OSError, TimeoutError) as err:
-        raise ForkerUnavailable(f"{target}: {err}") from None
-    finally:
-        sock.close()
-    try:
-        answer = json.loads(reply)
-        if not isinstance(answer, dict) or "error" in answer:
-            raise ValueError(answer)
-        return answer
-    except (ValueError, KeyError, TypeError):
-        raise ForkerUnavailable(f"{target}: answered {reply[:200]!r}") from None
-
-
-def launch(key: str | None = None, pool: Mapping[str, object] | None = None) -> None:
-    """Start a forker in the background, detached; it exits at once if one serves.
-    `pool` (as for request_daemon) is a pool it starts filling at once."""
-    root = str(Path(__file__).resolve().parent.parent)
-    boot = (
-        f"import sys; sys.path.insert(0, {root!r}); "
-        "from shim.forker import main; sys.exit(main())"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-sE", "-c", boot, "--socket", str(socket_path(key)), " " * ARGV_ROOM],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        cwd="/",
-    )
-    assert proc.stdin is not None
-    with contextlib.suppress(OSError):  # a few KiB: the pipe holds them
-        proc.stdin.write(json.dumps(dict(pool)).encode() if pool else b"")
-    with contextlib.suppress(OSError):
-        proc.stdin.close()
+WORKER_REAP_S = 0.5  # how long a finished worker may wait to be reaped
 
 
 # -- the server half: the forker itself ---------------------------------------------------
@@ -203,14 +102,20 @@ def main() -> int:
     import pyroute2.nftables.expressions
     import pyroute2.nftables.main
 
+    import shim.cli
     import shim.daemon
+    import shim.delete
     import shim.pool
     import shim.vmm.cloud_hypervisor
     import shim.vmm.qemu
     import shim.warm
 
     del shim, pyroute2
+    from shim.cli import VALIDATED_DIR
+    from shim.config import collect_validated
     from shim.pool import Pools
+
+    collect_validated(VALIDATED_DIR)
 
     initial = _read_stdin()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -241,9 +146,13 @@ def main() -> int:
     gc.collect()
     gc.freeze()  # the imported objects are never collected: no GC writes to their pages
     last_request = time.monotonic()
+    workers: set[int] = set()
     try:
         while True:
-            events = selector.select(pools.tick())
+            timeout = pools.tick()
+            if workers:  # reaped here, so their CPU time is in ours (bench/measure.py)
+                timeout = WORKER_REAP_S if timeout is None else min(timeout, WORKER_REAP_S)
+            events = selector.select(timeout)
             for key, _ in events:
                 if key.data is not None:
                     pools.readable(key.data)
@@ -251,7 +160,10 @@ def main() -> int:
                 conn, _ = listener.accept()
                 last_request = time.monotonic()
                 conn.settimeout(REQUEST_TIMEOUT_S)
-                _serve_one(conn, pools, close_in_child)
+                worker = _serve_one(conn, pools, close_in_child)
+                if worker:
+                    workers.add(worker)
+            workers = {pid for pid in workers if not _reaped(pid)}
             if not pools.active and time.monotonic() - last_request > IDLE_EXIT_S:
                 return 0  # idle: the next pod's start launches a new one
     finally:
@@ -282,18 +194,30 @@ def _read_stdin() -> bytes:
 ToClose = Callable[[], list[socket.socket]]
 
 
-def _serve_one(conn: socket.socket, pools: Pools, close: ToClose) -> None:
+def _reaped(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return True
+
+
+def _serve_one(conn: socket.socket, pools: Pools, close: ToClose) -> int:
+    """Answer one request; returns the pid of the worker it forked, if it did (0)."""
     fds: list[int] = []
     handed = False
     try:
         uid = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         if int.from_bytes(uid[4:8], "little") != os.getuid():
-            return
+            return 0
         body, fds = _receive(conn)
+        if body.startswith(b"%d:%s," % (len(parent_wire.RUN_VERB), parent_wire.RUN_VERB)):
+            if fds:
+                raise ValueError("a run request carries no file descriptors")
+            return _fork_worker(parent_wire.decode(body), conn, close)
         request = json.loads(body)
         if "drain" in request:
             conn.sendall(json.dumps({"drained": pools.drain(str(request["drain"]))}).encode())
-            return
+            return 0
         argv = [str(a) for a in request["argv"]]
         env = {str(k): str(v) for k, v in request["env"].items()}
         if len(fds) != 3:
@@ -301,7 +225,7 @@ def _serve_one(conn: socket.socket, pools: Pools, close: ToClose) -> None:
         pool = pools.register(request["pool"]) if request.get("pool") else None
         if pool is not None and pools.offer(pool, argv, env, fds, conn):
             handed = True  # answered once the pooled VM's daemon decided
-            return
+            return 0
         # The child must not hold `conn`: start reads the answer to its EOF.
         pid = _double_fork(argv, env, fds, lambda: [*close(), conn])
         conn.sendall(json.dumps({"pid": pid}).encode())
@@ -314,6 +238,54 @@ def _serve_one(conn: socket.socket, pools: Pools, close: ToClose) -> None:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+    return 0
+
+
+def _fork_worker(fields: list[bytes], conn: socket.socket, close: ToClose) -> int:
+    """Run one `start` or `delete` invocation (shim/entry.py's request) in a child of
+    ours, which answers on `conn`; returns its pid. A child, not a grandchild: its
+    exit is reaped here, and its CPU time counted with ours."""
+    argv, cwd, env, stdin = parent_wire.parse_run_request(fields)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for sock in close():
+                sock.close()
+            _close_all_but([conn.fileno()])
+            import random
+
+            random.seed()
+            conn.settimeout(None)
+            conn.sendall(_run_invocation(argv, cwd, env, stdin))
+        finally:
+            os._exit(0)
+    return pid
+
+
+def _run_invocation(argv: list[str], cwd: str, env: dict[str, str], stdin: bytes) -> bytes:
+    """shim/cli.py's `main` as the invoking process would have run it: its cwd and
+    environment; its stdout and stderr captured. Returns the answer to send."""
+    import io
+    import traceback
+
+    out, err = io.BytesIO(), io.BytesIO()
+    sys.stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    sys.stderr = io.TextIOWrapper(err, encoding="utf-8", write_through=True)
+    code = 1
+    try:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        from shim import cli
+
+        code = cli.main(argv, stdin)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return parent_wire.encode([b"%d" % code, out.getvalue(), err.getvalue()])
 
 
 def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:

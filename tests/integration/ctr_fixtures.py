@@ -100,12 +100,12 @@ FORKER_DIR = Path("/run/cloudhv")
 def drain_pools(config_path: Path) -> int:
     """Ask every forker (each version of the shim has its own) to release the pooled VMs
     of `config_path`; how many they released."""
-    from shim import forker
+    from shim import forker_client
 
     drained = 0
     for sock in FORKER_DIR.glob("forker-*.sock"):
-        with contextlib.suppress(forker.ForkerUnavailable, OSError, KeyError, ValueError):
-            drained += forker.drain_pool(str(config_path), path=sock)
+        with contextlib.suppress(forker_client.ForkerUnavailable, OSError, KeyError, ValueError):
+            drained += forker_client.drain_pool(str(config_path), path=sock)
     return drained
 
 

@@ -274,3 +274,57 @@ def test_load_checks_the_host_for_cloud_hypervisor_only(tmp_path: Path) -> None:
         config.load(path)
     path.write_text(json.dumps({**bad, "vmm": "qemu"}))  # QEMU finds out at boot, as before
     assert config.load(path).vmm == "qemu"
+
+
+def test_validated_configs_are_kept_by_content_and_reused_without_pydantic(
+    tmp_path: Path,
+) -> None:
+    path, kept = tmp_path / "config.json", tmp_path / "validated"
+    path.write_text(json.dumps({**MINIMAL, "default_vcpus": "2"}))  # a coercion pydantic made
+    first, digest = config.load_with_digest(path, kept)
+    (entry,) = kept.iterdir()
+    assert entry.name.endswith(f"-{digest}.json") and first.default_vcpus == 2
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path; "
+        "from shim import config; "
+        f"c, _ = config.load_with_digest(Path({str(path)!r}), Path({str(kept)!r})); "
+        "print(c.default_vcpus, 'pydantic' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-sE", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["2", "False"]
+    # Other bytes are validated afresh: an error still names the field.
+    path.write_text(json.dumps({**MINIMAL, "default_vcpus": "many"}))
+    with pytest.raises(config.ConfigError, match="default_vcpus"):
+        config.load_with_digest(path, kept)
+    # A kept entry that is not a validated config's is ignored, and replaced.
+    path.write_text(json.dumps(MINIMAL))
+    _, digest = config.load_with_digest(path, kept)
+    broken = next(kept.glob(f"*-{digest}.json"))
+    broken.write_text("{}")
+    assert config.load_with_digest(path, kept)[0] == config.parse(MINIMAL)
+    assert broken.read_text() != "{}"
+
+
+def test_a_kept_config_still_gets_the_host_checks(tmp_path: Path) -> None:
+    """What the bytes decide is kept; what the host must have is checked each time."""
+    path, kept = tmp_path / "config.json", tmp_path / "validated"
+    path.write_text(json.dumps(_ch_config(tmp_path)))
+    if not any(device.exists() for device in config.HYPERVISOR_DEVICES):
+        pytest.fail("this host has no /dev/kvm: the Cloud Hypervisor config cannot validate")
+    config.load_with_digest(path, kept)
+    assert len(list(kept.glob("*.json"))) == 1
+    (tmp_path / "vmlinux").unlink()
+    with pytest.raises(config.ConfigError, match=r"kernel_path: .*vmlinux does not exist"):
+        config.load_with_digest(path, kept)
+
+
+def test_what_other_versions_validated_is_collected(tmp_path: Path) -> None:
+    path, kept = tmp_path / "config.json", tmp_path / "validated"
+    path.write_text(json.dumps(MINIMAL))
+    config.load_with_digest(path, kept)
+    (kept / "0123456789abcdef-old.json").write_text("{}")
+    removed = config.collect_validated(kept)
+    assert [p.name for p in removed] == ["0123456789abcdef-old.json"]
+    assert len(list(kept.iterdir())) == 1

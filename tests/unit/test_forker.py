@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shim import config, forker, proctitle
+from shim import config, forker, forker_client, proctitle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,7 @@ def test_forked_daemon_is_not_the_forkers_child(sock_dir: Path, tmp_path: Path) 
     path = sock_dir / "forker.sock"
     boot = f"import sys; sys.path.insert(0, {str(REPO)!r}); from shim.forker import main; main()"
     parent = subprocess.Popen(
-        [sys.executable, "-sE", "-c", boot, "--socket", str(path), " " * forker.ARGV_ROOM]
+        [sys.executable, "-sE", "-c", boot, "--socket", str(path), " " * forker_client.ARGV_ROOM]
     )
     pid = 0
     try:
@@ -67,7 +67,7 @@ def test_forked_daemon_is_not_the_forkers_child(sock_dir: Path, tmp_path: Path) 
         bundle.mkdir()
         flags = ["--namespace", "ns", "--id", "t1", "--pod-id", "t1", "--bundle", str(bundle)]
         flags += ["--socket", str(sock_dir / "pod.sock")]
-        pid = forker.request_daemon(
+        pid = forker_client.request_daemon(
             flags, {"PATH": "/usr/bin:/bin"}, (listener.fileno(), ready_w, config_r), path=path
         )
         for fd in (ready_w, config_r):
@@ -96,8 +96,8 @@ def test_forked_daemon_is_not_the_forkers_child(sock_dir: Path, tmp_path: Path) 
 
 
 def test_no_forker_means_unavailable(sock_dir: Path) -> None:
-    with pytest.raises(forker.ForkerUnavailable):
-        forker.request_daemon([], {}, (0, 1, 2), path=sock_dir / "nobody.sock")
+    with pytest.raises(forker_client.ForkerUnavailable):
+        forker_client.request_daemon([], {}, (0, 1, 2), path=sock_dir / "nobody.sock")
 
 
 def test_a_killed_forkers_socket_does_not_keep_a_new_one_out(sock_dir: Path) -> None:
@@ -105,7 +105,7 @@ def test_a_killed_forkers_socket_does_not_keep_a_new_one_out(sock_dir: Path) -> 
     one launched while it serves exits at once."""
     path = sock_dir / "forker.sock"
     boot = f"import sys; sys.path.insert(0, {str(REPO)!r}); from shim.forker import main; main()"
-    argv = [sys.executable, "-sE", "-c", boot, "--socket", str(path), " " * forker.ARGV_ROOM]
+    argv = [sys.executable, "-sE", "-c", boot, "--socket", str(path), " " * forker_client.ARGV_ROOM]
 
     def serving(proc: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + 30

@@ -213,6 +213,6 @@ def test_a_vm_that_died_booting_backs_off(setup: Setup) -> None:
 
 
 def test_start_waits_as_long_as_a_take_may_take() -> None:
-    from shim import forker
+    from shim import forker_client
 
-    assert forker.ADOPT_TIMEOUT_S == pool_mod.ADOPT_TIMEOUT_S
+    assert forker_client.ADOPT_TIMEOUT_S == pool_mod.ADOPT_TIMEOUT_S
