@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from shim import forker
+from shim import forker_client
 from shim.agent import AgentClient
 from shim.config import TCG_TB_SIZE_MIB
 from shim.vmm.qemu import QemuVmm
@@ -75,7 +75,7 @@ def shim_pss_kib(env: Env) -> tuple[int, int]:
     """(PSS of every shim process: the pods' daemons and the shared parent, daemon count)."""
     daemons = [pid for pid, _ in shim_processes(env.containerd)]
     # This checkout's shared parent only: other checkouts on the machine run their own.
-    parents = processes_matching("shim.forker", str(forker.socket_path()))
+    parents = processes_matching("shim.forker", str(forker_client.socket_path()))
     return sum(rollup(p).get("Pss", 0) for p in daemons + parents), len(daemons)
 
 
@@ -318,24 +318,73 @@ def _cpu_ticks(pid: int) -> tuple[int, int]:
 
 def lifecycle_cpu(env: Env, n: int) -> dict[str, Any]:
     """Shim CPU time for one pod lifecycle (run, one container, stop, remove): every
-    `start` and `delete` invocation (containerd's reaped children) plus the daemon."""
+    `start` and `delete` invocation (containerd's reaped children), the shared parent
+    with the workers that ran them (reaped by it), and the pod's daemon until it exits
+    (sampled every 5 ms: a double-forked daemon is reaped by init, which keeps its
+    total)."""
     ticks_per_s = _clock_ticks()
     containerd = env.containerd.process.pid
-    results = []
+    results, parts = [], []
     pods = Pods(env)
     try:
         for _ in range(n):
             _, children_before = _cpu_ticks(containerd)
+            parent_before = _parent_ticks()
             pod, _, _, _ = pods.run(["sh", "-c", "echo x; sleep 600"])
             ((daemon, _),) = shim_processes(env.containerd)
-            daemon_ticks, _ = _cpu_ticks(daemon)
-            pods.remove(pod)
-            time.sleep(1)
+            with _LastTicks(daemon) as daemon_ticks:
+                pods.remove(pod)
+                daemon_ticks.wait_gone(10.0)
+            time.sleep(0.6)  # the parent reaps its last worker
             _, children_after = _cpu_ticks(containerd)
-            results.append((children_after - children_before + daemon_ticks) / ticks_per_s)
+            invocations = children_after - children_before
+            parent = _parent_ticks() - parent_before
+            results.append((invocations + parent + daemon_ticks.last) / ticks_per_s)
+            parts.append((invocations, parent, daemon_ticks.last))
     finally:
         pods.close()
-    return {"shim_cpu_s": summary(results)}
+    return {
+        "shim_cpu_s": summary(results),
+        "invocations_s": summary([p[0] / ticks_per_s for p in parts]),
+        "parent_and_workers_s": summary([p[1] / ticks_per_s for p in parts]),
+        "daemon_s": summary([p[2] / ticks_per_s for p in parts]),
+    }
+
+
+def _parent_ticks() -> int:
+    """This checkout's shared parent: its CPU with that of the children it reaped."""
+    pids = processes_matching("shim.forker", str(forker_client.socket_path()))
+    return sum(sum(_cpu_ticks(pid)) for pid in pids)
+
+
+class _LastTicks:
+    """The CPU ticks of `pid`, sampled until it is gone: the last value seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.last = _cpu_ticks(pid)[0]
+        self._gone = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            try:
+                self.last = _cpu_ticks(self.pid)[0]
+            except (OSError, ValueError, IndexError):
+                self._gone.set()
+                return
+            time.sleep(0.005)
+
+    def wait_gone(self, timeout: float) -> None:
+        if not self._gone.wait(timeout):
+            raise TimeoutError(f"the daemon {self.pid} did not exit")
+
+    def __enter__(self) -> _LastTicks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._thread.join(timeout=1)
 
 
 def _clock_ticks() -> int:

@@ -38,6 +38,8 @@ from shim.vmm.procs import process_start_time
 from shim.vmm_factory import create_vmm
 
 log = logging.getLogger("shim")
+# Set to a directory: the daemon runs under cProfile and writes its statistics there.
+PROFILE_ENV = "CLOUDHV_PROFILE_DIR"
 
 
 @dataclass
@@ -183,13 +185,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.pod_id, args.id, args.namespace, args.socket, config.vmm,
     )
     try:
-        asyncio.run(serve(args, config))
+        if os.environ.get(PROFILE_ENV):
+            _run_profiled(args, config)
+        else:
+            asyncio.run(serve(args, config))
     except Exception as err:
         log.exception("event=daemon_failed")
         report(args, f"error: {err}")
         return 1
     log.info("event=daemon_exit pod=%s", args.pod_id)
     return 0
+
+
+def _run_profiled(args: DaemonArgs, config: config_mod.Config) -> None:
+    """`serve` under cProfile, its statistics written to $CLOUDHV_PROFILE_DIR at exit
+    (bench/profile.py reads them). Opt-in: the profiler slows every call."""
+    import cProfile
+    import pstats
+    import threading
+
+    profilers = [cProfile.Profile()]
+
+    def profile_thread(*_: object) -> None:  # the first event in a new thread
+        sys.setprofile(None)
+        profiler = cProfile.Profile()
+        profilers.append(profiler)
+        profiler.enable()
+
+    threading.setprofile(profile_thread)  # the executor's threads: netlink, files
+    profilers[0].enable()
+    try:
+        asyncio.run(serve(args, config))
+    finally:
+        profilers[0].disable()
+        threading.setprofile(None)
+        stats = pstats.Stats(profilers[0])
+        for other in profilers[1:]:
+            with contextlib.suppress(TypeError):  # a thread that saw no call yet
+                stats.add(other)
+        name = f"daemon-{args.pod_id[:12]}-{os.getpid()}.prof"
+        stats.dump_stats(os.path.join(os.environ[PROFILE_ENV], name))
 
 
 def _stale_state(store: StateStore, args: DaemonArgs) -> PodState | None:
