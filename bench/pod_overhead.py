@@ -19,6 +19,7 @@ VMM's own: the RuntimeClass overhead has to cover the guest's whole default memo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -28,6 +29,8 @@ from shim.ctl.pods import list_pods, pss_kib
 from shim.state import StateStore
 from tests.integration.cri import CriClient
 from tests.integration.ctr_fixtures import BUSYBOX, containerd_env
+
+REPO = Path(__file__).resolve().parents[1]
 
 HANDLER = "cloudhv"
 
@@ -65,7 +68,18 @@ def main() -> None:
         "--tb-size-mib", default="",
         help="QEMU TCG translation cache sizes to compare, one run each (0: QEMU's default)",
     )
+    parser.add_argument(
+        "--extra-kernel-args", default="",
+        help="'|'-separated variants appended to the config's kernel_args, one run each "
+        "(an empty variant: the config's own), e.g. '|page_reporting.page_reporting_order=0'",
+    )
     args = parser.parse_args()
+    extras = args.extra_kernel_args.split("|") if args.extra_kernel_args else [None]
+    if len(extras) > 1 or extras[0] is not None:
+        for extra in extras:
+            print(f"== kernel_args + {extra!r}")
+            measure(args, None, None, extra)
+        return
     sizes = [int(v) for v in args.tb_size_mib.split(",")] if args.tb_size_mib else [None]
     reporting = [v == "on" for v in args.free_page_reporting.split(",")] if (
         args.free_page_reporting) else [None]
@@ -76,8 +90,13 @@ def main() -> None:
             measure(args, tb_size, report)
 
 
-def measure(args: argparse.Namespace, tb_size: int | None, report: bool | None) -> None:
+def measure(
+    args: argparse.Namespace, tb_size: int | None, report: bool | None, extra: str | None = None
+) -> None:
     overrides: dict[str, object] = {"default_memory_mib": args.memory_mib}
+    if extra:
+        shipped = json.loads((REPO / "config" / "cloudhv.json").read_text())
+        overrides["kernel_args"] = f"{shipped['kernel_args']} {extra}"
     qemu: dict[str, object] = {"accel": os.environ.get("CLOUDHV_ACCEL", "tcg"), "hotplug_slots": 8}
     if tb_size is not None:
         qemu["tcg_tb_size_mib"] = tb_size
