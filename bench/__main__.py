@@ -120,6 +120,8 @@ def _print_targets(results: dict[str, Any]) -> None:
         print(f"{what:48} {value}")
     for name, ms in (start.get("phases_ms") or {}).items():
         print(f"  pod start phase: {name:50} {ms:6.0f} ms")
+    for name, ms in (start.get("guest_calls_ms") or {}).items():
+        print(f"  of which in the guest (agent's timing): {name:33} {ms:6.0f} ms")
 
 
 if __name__ == "__main__":

@@ -194,6 +194,7 @@ def pod_start_vs_bare_boot(env: Env, n: int) -> dict[str, Any]:
     pods = Pods(env)
     starts, bares, runs = [], [], []
     phases: dict[str, list[float]] = {}
+    guest: dict[str, list[float]] = {}
     try:
         for _ in range(n):
             bares += bare_boots(1)
@@ -203,6 +204,8 @@ def pod_start_vs_bare_boot(env: Env, n: int) -> dict[str, Any]:
             runs.append(ran)
             for name, seconds in pod_phases(env, pod, cid, began, ran, to_log).items():
                 phases.setdefault(name, []).append(seconds)
+            for name, seconds in guest_calls(env).items():
+                guest.setdefault(name, []).append(seconds)
             pods.remove(pod)
     finally:
         pods.close()
@@ -212,7 +215,24 @@ def pod_start_vs_bare_boot(env: Env, n: int) -> dict[str, Any]:
         "bare_boot_s": summary(bares),
         "ratio": statistics.median(starts) / statistics.median(bares),
         "phases_ms": {name: statistics.median(v) * 1000 for name, v in phases.items()},
+        "guest_calls_ms": {name: statistics.median(v) * 1000 for name, v in guest.items()},
     }
+
+
+_AGENT_CALL = re.compile(r"^agent: (\w+) .*-> OK \((\d+\.\d+) ms\)")
+
+
+def guest_calls(env: Env) -> dict[str, float]:
+    """The agent's own time for each call (seconds, summed per call name) in the one
+    running pod's console: what of a phase is the guest's work, under TCG."""
+    (console,) = env.state_dir.rglob("console.log")
+    totals: dict[str, float] = {}
+    for line in console.read_text(errors="replace").splitlines():
+        match = _AGENT_CALL.match(line)
+        if match:
+            name = match.group(1)
+            totals[name] = totals.get(name, 0.0) + float(match.group(2)) / 1000
+    return totals
 
 
 # The daemon's own log lines, as containerd copies them into its log.
