@@ -31,7 +31,10 @@ _pb: Any = _agent_pb2
 SERVICE = "cloudhv.agent.v1.Agent"
 AGENT_PORT = 1024
 DEFAULT_TIMEOUT = 30.0  # seconds, for calls that do not park in the agent
-MAX_CHUNK = 65536  # agent.options: stdin/stdout chunks are at most 64 KiB
+MAX_CHUNK = 65536  # agent.options: a WriteStdin carries at most 64 KiB
+# agent.options: a ReadStdout/ReadStderr reply carries at most 1 MiB (an older
+# agent caps it at 64 KiB itself). Fewer, bigger replies: each costs a round trip.
+MAX_READ = 1 << 20
 # Extra local wait on long polls, so a reply sent at the agent's deadline is
 # still received instead of being dropped (it may carry output bytes).
 _LONG_POLL_GRACE = 1.0
@@ -96,7 +99,7 @@ class _Connection:
         self, method: str, container_id: str, exec_id: str, timeout: float, max_bytes: int
     ) -> Output:
         req = _pb.ReadOutputRequest(
-            container_id=container_id, exec_id=exec_id, max_bytes=min(max_bytes, MAX_CHUNK)
+            container_id=container_id, exec_id=exec_id, max_bytes=min(max_bytes, MAX_READ)
         )
         resp = await self._poll(method, req, _pb.ReadOutputResponse, timeout)
         if resp is None:
@@ -460,7 +463,7 @@ class _ContainerCalls(_Connection):
 
 
 class _StdioCalls(_Connection):
-    """Process stdio: chunks of at most MAX_CHUNK bytes, long-polled reads."""
+    """Process stdio: writes of at most MAX_CHUNK bytes, long-polled reads of MAX_READ."""
 
     # Stdio.
 
@@ -486,13 +489,13 @@ class _StdioCalls(_Connection):
         await self._call("CloseStdin", req, None, timeout)
 
     async def read_stdout(
-        self, container_id: str, exec_id: str, *, timeout: float, max_bytes: int = MAX_CHUNK
+        self, container_id: str, exec_id: str, *, timeout: float, max_bytes: int = MAX_READ
     ) -> Output:
         """Long poll: the next bytes of stdout (or the TTY), Output(b"", False) at `timeout`."""
         return await self._read("ReadStdout", container_id, exec_id, timeout, max_bytes)
 
     async def read_stderr(
-        self, container_id: str, exec_id: str, *, timeout: float, max_bytes: int = MAX_CHUNK
+        self, container_id: str, exec_id: str, *, timeout: float, max_bytes: int = MAX_READ
     ) -> Output:
         """Long poll: the next bytes of stderr, Output(b"", False) at `timeout`."""
         return await self._read("ReadStderr", container_id, exec_id, timeout, max_bytes)

@@ -35,6 +35,9 @@ from shim.types import StdioSpec
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
+# An output FIFO's capacity, asked for (best effort): a 1 MiB read from the guest
+# then goes out in one write instead of waiting 16 times for the reader.
+FIFO_SIZE = 1 << 20
 LOGGER_STOP_TIMEOUT_S = 12.0
 LOGGER_READY_TIMEOUT_S = 10.0
 # How long a terminal's first input waits for its window size (see ProcessIO.window_sized).
@@ -235,7 +238,12 @@ def open_output_fifo(path: str) -> int:
     except OSError as err:
         raise InvalidArgument(f"stdio {path}: {err.strerror or err}") from err
     if stat.S_ISFIFO(mode):
-        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, FIFO_SIZE)
+        except OSError as err:  # e.g. EPERM: over fs.pipe-max-size or the user's pipe quota
+            log.debug("event=fifo_size_unchanged path=%s error=%r", path, str(err))
+        return fd
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
 

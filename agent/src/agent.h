@@ -28,7 +28,12 @@
 #define MAX_PROCS 128
 #define MAX_PARKED 256
 #define MAX_JOBS 32
-#define STREAM_BUF 65536          /* output buffered per stream */
+#define STREAM_BUF 65536          /* output buffered per stream in the agent */
+/* A stdout/stderr pipe's capacity: the process writes on into it while a read
+ * reply is on its way (pages are allocated only for what the pipe holds). */
+#define OUTPUT_PIPE_SIZE (1 << 20)
+/* The most one ReadStdout/ReadStderr reply carries (agent.options). */
+#define READ_MAX sizeof(((cloudhv_agent_v1_ReadOutputResponse *)0)->data.bytes)
 #define MAX_FRAME_DATA (4u << 20) /* ttrpc's limit */
 /* The largest request we decode is CopyFile; anything bigger cannot fit a
  * field's max_size anyway and is discarded like an over-limit frame. */

@@ -61,8 +61,8 @@ static int read_common(struct call *c, const PB(ReadOutputRequest) *r, void *res
 	if (ref_proc(c, r->container_id, r->exec_id, e) < 0)
 		return R_ERR;
 	uint32_t max = r->max_bytes;
-	if (max == 0 || max > STREAM_BUF)
-		max = STREAM_BUF;
+	if (max == 0 || max > READ_MAX)
+		max = READ_MAX;
 	c->u.proc.max_bytes = max;
 	c->poll = is_err ? err_poll : out_poll;
 	return c->poll(c, resp, e);

@@ -278,6 +278,11 @@ int proc_pipes(int pi, bool want_stdin, int child_fds[3], struct err *e)
 			err_sys(e, "fcntl O_NONBLOCK");
 			goto fail;
 		}
+	/* Room for the process to write on while a read reply crosses the VM
+	 * boundary; pages are only allocated for what is in the pipe. */
+	for (int *fd = (int[]){out[0], errp[0]}, k = 0; k < 2; k++)
+		if (fcntl(fd[k], F_SETPIPE_SZ, OUTPUT_PIPE_SIZE) < 0)
+			alog("output pipe size %d: %s", OUTPUT_PIPE_SIZE, strerror(errno));
 	p->stdin_fd = in[1];
 	p->out.fd = out[0];
 	p->err.fd = errp[0];
@@ -362,22 +367,18 @@ void reap_children(void)
 	}
 }
 
-static void stream_fill(struct proc *p, struct stream *s, int pi)
+/* One read of a stream's fd into dst: n > 0 bytes, or 0 when there is nothing
+ * now (EAGAIN) or ever (EOF: s->eof set and the fd closed or unregistered). */
+static size_t stream_read(struct proc *p, struct stream *s, uint8_t *dst, size_t room)
 {
-	while (s->fd >= 0 && !s->eof && s->len < STREAM_BUF) {
-		if (s->len == 0)
-			s->head = 0;
-		uint32_t tail = (s->head + s->len) % STREAM_BUF;
-		uint32_t room = tail >= s->head ? STREAM_BUF - tail : s->head - tail;
-		ssize_t n = read(s->fd, s->buf + tail, room);
-		if (n > 0) {
-			s->len += (uint32_t)n;
-			continue;
-		}
+	for (;;) {
+		ssize_t n = read(s->fd, dst, room);
+		if (n > 0)
+			return (size_t)n;
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0 && errno == EAGAIN)
-			break;
+			return 0;
 		/* EOF; EIO is how a pty master reports that the slave side is gone. */
 		if (n < 0 && errno != EIO)
 			alog("read output of %s: %s", containers[p->cont].id, strerror(errno));
@@ -389,8 +390,22 @@ static void stream_fill(struct proc *p, struct stream *s, int pi)
 		} else {
 			stream_close(s, true);
 		}
+		return 0;
 	}
-	(void)pi;
+}
+
+static void stream_fill(struct proc *p, struct stream *s)
+{
+	while (s->fd >= 0 && !s->eof && s->len < STREAM_BUF) {
+		if (s->len == 0)
+			s->head = 0;
+		uint32_t tail = (s->head + s->len) % STREAM_BUF;
+		uint32_t room = tail >= s->head ? STREAM_BUF - tail : s->head - tail;
+		size_t n = stream_read(p, s, s->buf + tail, room);
+		if (n == 0)
+			break;
+		s->len += (uint32_t)n;
+	}
 }
 
 void proc_on_event(enum tag_kind k, uint32_t idx, uint32_t gen, uint32_t events)
@@ -399,9 +414,9 @@ void proc_on_event(enum tag_kind k, uint32_t idx, uint32_t gen, uint32_t events)
 		return;
 	struct proc *p = &procs[idx];
 	if (k == TAG_STDOUT && (events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
-		stream_fill(p, &p->out, (int)idx);
+		stream_fill(p, &p->out);
 	else if (k == TAG_STDERR)
-		stream_fill(p, &p->err, (int)idx);
+		stream_fill(p, &p->err);
 	/* TAG_STDIN / EPOLLOUT only wake the loop: the parked write retries. */
 	proc_update_epoll((int)idx);
 }
@@ -418,9 +433,17 @@ size_t proc_take(int pi, bool is_stderr, uint8_t *dst, size_t max)
 	memcpy(dst + first, s->buf, n - first);
 	s->head = (uint32_t)((s->head + n) % STREAM_BUF);
 	s->len -= (uint32_t)n;
+	/* The buffer is empty: what else the pipe holds goes straight into dst, one
+	 * copy instead of two, and one reply instead of many. */
+	while (s->len == 0 && n < max && s->fd >= 0 && !s->eof) {
+		size_t got = stream_read(p, s, dst + n, max - n);
+		if (got == 0)
+			break;
+		n += got;
+	}
 	if (n) {
 		/* Space again: pull in whatever the process has written meanwhile. */
-		stream_fill(p, s, pi);
+		stream_fill(p, s);
 		proc_update_epoll(pi);
 	}
 	return n;

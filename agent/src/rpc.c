@@ -80,7 +80,6 @@ static union {
 	PB(ReadOutputResponse) j;
 } g_resp;
 
-static uint8_t g_scratch[MAX_RESP_PAYLOAD + 64];
 static struct call parked[MAX_PARKED];
 
 void call_ids(struct call *c, const char *cid, const char *eid)
@@ -93,23 +92,18 @@ void call_ids(struct call *c, const char *cid, const char *eid)
 
 static void finish(struct call *c, int r, void *resp, struct err *e)
 {
-	const uint8_t *payload = NULL;
-	size_t len = 0;
-	if (r == R_DONE) {
-		pb_ostream_t os = pb_ostream_from_buffer(g_scratch, sizeof g_scratch);
-		if (pb_encode(&os, c->m->resp_fields, resp)) {
-			payload = g_scratch;
-			len = os.bytes_written;
-		} else {
-			r = R_ERR;
-			err_set(e, C_INTERNAL, "encode %s response: %s", c->m->name, PB_GET_ERROR(&os));
-		}
-	}
 	int code = r == R_DONE ? C_OK : e->code;
 	if (code == C_OK && r != R_DONE)
 		code = C_INTERNAL;
 	uint64_t us = (now_ns() - c->start_ns) / 1000;
-	int sent = ttrpc_reply(c->conn, c->conn_gen, c->stream, code, e->msg, payload, len);
+	bool ok = code == C_OK;
+	int sent = ttrpc_reply(c->conn, c->conn_gen, c->stream, code, e->msg,
+			       ok ? c->m->resp_fields : NULL, ok ? resp : NULL);
+	if (sent == -2) {
+		code = C_INTERNAL;
+		err_set(e, C_INTERNAL, "encode %s response", c->m->name);
+		sent = ttrpc_reply(c->conn, c->conn_gen, c->stream, code, e->msg, NULL, NULL);
+	}
 	if (sent == 0 && !c->loud &&
 	    ((code == C_OK && (c->m->quiet & Q_OK)) || (code == C_DEADLINE_EXCEEDED && (c->m->quiet & Q_DEADLINE))))
 		return;

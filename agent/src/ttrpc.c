@@ -203,29 +203,43 @@ struct payload_span {
 	size_t len;
 };
 
+/* A reply's payload: the handler's response message, encoded straight into the
+ * frame (no intermediate buffer: a ReadStdout reply is up to 1 MiB). */
+struct payload_msg {
+	const pb_msgdesc_t *fields;
+	const void *src;
+};
+
 static bool encode_payload(pb_ostream_t *s, const pb_field_t *f, void *const *arg)
 {
-	const struct payload_span *sp = *arg;
-	if (sp->len == 0)
+	const struct payload_msg *pm = *arg;
+	if (!pm->fields)
 		return true;
-	return pb_encode_tag_for_field(s, f) && pb_encode_string(s, sp->p, sp->len);
+	return pb_encode_tag_for_field(s, f) && pb_encode_submessage(s, pm->fields, pm->src);
 }
 
 int ttrpc_reply(uint16_t i, uint32_t gen, uint32_t stream, int code, const char *msg,
-		const uint8_t *payload, size_t len)
+		const pb_msgdesc_t *fields, const void *src)
 {
 	if (!ttrpc_alive(i, gen))
 		return -1;
 	struct conn *c = &conns[i];
-	if (out_free(c) < HDR + 600 + 8 + len)
+	size_t len = 0;
+	if (fields && !pb_get_encoded_size(&len, fields, src)) {
+		alog("conn %u: response does not encode", i);
+		return -2;
+	}
+	/* Header, envelope (status, payload tag and length) and the payload. */
+	size_t need = HDR + 600 + 8 + len;
+	if (out_free(c) < need)
 		return -1;
-	if (OUT_CAP - c->out_tail < HDR + 600 + 8 + len) {
+	if (OUT_CAP - c->out_tail < need) {
 		memmove(out_bufs[i], out_bufs[i] + c->out_head, c->out_tail - c->out_head);
 		c->out_tail -= c->out_head;
 		c->out_head = 0;
 	}
 	uint8_t *h = out_bufs[i] + c->out_tail;
-	struct payload_span sp = {payload, len};
+	struct payload_msg pm = {fields, src};
 	ttrpc_Response r = ttrpc_Response_init_zero;
 	if (code != C_OK) {
 		r.has_status = true;
@@ -233,11 +247,11 @@ int ttrpc_reply(uint16_t i, uint32_t gen, uint32_t stream, int code, const char 
 		snprintf(r.status.message, sizeof r.status.message, "%s", msg ? msg : "");
 	}
 	r.payload.funcs.encode = encode_payload;
-	r.payload.arg = &sp;
+	r.payload.arg = &pm;
 	pb_ostream_t os = pb_ostream_from_buffer(h + HDR, OUT_CAP - c->out_tail - HDR);
 	if (!pb_encode(&os, ttrpc_Response_fields, &r)) {
 		alog("conn %u: encode response: %s", i, PB_GET_ERROR(&os));
-		return -1;
+		return -2;
 	}
 	uint32_t n = (uint32_t)os.bytes_written;
 	h[0] = n >> 24; h[1] = n >> 16; h[2] = n >> 8; h[3] = n;
@@ -266,7 +280,7 @@ static void reply_status(uint16_t i, uint32_t stream, int code, const char *fmt,
 	char msg[256];
 	snprintf(msg, sizeof msg, fmt, arg);
 	alog("conn %u stream %u: %s %s", i, stream, code_name(code), msg);
-	ttrpc_reply(i, conns[i].gen, stream, code, msg, NULL, 0);
+	ttrpc_reply(i, conns[i].gen, stream, code, msg, NULL, NULL);
 }
 
 static void handle_frame(uint16_t i, uint32_t stream, uint8_t type, uint8_t flags,

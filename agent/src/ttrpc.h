@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "err.h"
+#include "pb.h"
 
 /* What the connection layer hands up: a decoded request, and a connection that
  * went away (calls waiting on it are dropped). Set once, before listening. */
@@ -27,10 +28,12 @@ void ttrpc_housekeeping(void);
 bool ttrpc_alive(uint16_t conn, uint32_t gen);
 /* True when the connection can take one more response of any size. */
 bool ttrpc_can_reply(uint16_t conn, uint32_t gen);
-/* Queues a Response frame: status code (0 = OK, then msg is ignored) and an
- * encoded payload. Returns -1 when the connection is gone or full. */
+/* Queues a Response frame: status code (0 = OK, then msg is ignored) and the
+ * payload message `src` of type `fields` (NULL: none), encoded in place.
+ * Returns -1 when the connection is gone or full, -2 when the message does not
+ * encode (nothing was queued). */
 int ttrpc_reply(uint16_t conn, uint32_t gen, uint32_t stream, int code,
-		const char *msg, const uint8_t *payload, size_t len);
+		const char *msg, const pb_msgdesc_t *fields, const void *src);
 /* Writes out pending responses of one connection, blocking up to ms. */
 void ttrpc_flush_blocking(uint16_t conn, uint32_t gen, int ms);
 

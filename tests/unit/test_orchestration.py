@@ -19,6 +19,7 @@ import pytest
 
 from shim import config as config_mod
 from shim import spec as spec_mod
+from shim import stdio as stdio_mod
 from shim.devices import device_id
 from shim.errors import FailedPrecondition, Internal, NotFound, ShimError, Unavailable
 from shim.events import Event, Publisher, TaskExit
@@ -547,8 +548,9 @@ async def test_exec_racing_a_delete_is_refused_and_leaks_nothing(harness: Harnes
 
 
 async def test_exit_waits_for_a_slow_reader_and_no_output_is_lost(harness: Harness) -> None:
-    """The reader of stdout pauses 6 s after the process exited: all 1 MiB arrives, and
-    the exit is reported only then (it used to give up after 5 s and drop the rest)."""
+    """The reader of stdout pauses 6 s after the process exited: all the output (more
+    than the FIFO holds) arrives, and the exit is reported only then (it used to give
+    up after 5 s and drop the rest)."""
     await harness.create_sandbox()
     fifo = harness.tmp / "stdout"
     os.mkfifo(fifo)
@@ -560,7 +562,7 @@ async def test_exit_waits_for_a_slow_reader_and_no_output_is_lost(harness: Harne
         CreateTask("c1", bundle, harness.rootfs("c1"), StdioSpec(stdout=str(fifo)))
     )
     assert harness.agent is not None
-    payload = os.urandom(1 << 20)
+    payload = os.urandom(4 * stdio_mod.FIFO_SIZE)
     chunks = [payload[i : i + 65536] for i in range(0, len(payload), 65536)]
     harness.agent.stdout[("c1", "")] = chunks
     harness.agent.finish("c1", 0)
