@@ -22,6 +22,7 @@ from typing import Any, Self
 from shim._pb import agent_pb2 as _agent_pb2
 from shim.errors import DeadlineExceeded, Internal, Unavailable
 from shim.ttrpc.client import Client
+from shim.ttrpc.status import TtrpcError
 from shim.types import ContainerStats, IpInterface, Route
 from shim.vsock import connect_hybrid_vsock
 
@@ -60,6 +61,9 @@ class ExitStatus:
 class Output:
     data: bytes
     eof: bool  # no more data will ever come from this stream
+    # False: no answer came at all (not even the agent's "nothing before the
+    # deadline"): a stalled guest or transport, so output may still be on its way.
+    answered: bool = True
 
 
 _STATS_FIELDS = tuple(ContainerStats.__dataclass_fields__)
@@ -101,9 +105,11 @@ class _Connection:
         req = _pb.ReadOutputRequest(
             container_id=container_id, exec_id=exec_id, max_bytes=min(max_bytes, MAX_READ)
         )
-        resp = await self._poll(method, req, _pb.ReadOutputResponse, timeout)
-        if resp is None:
-            return Output(b"", eof=False)
+        try:
+            resp = await self._call(method, req, _pb.ReadOutputResponse, timeout,
+                                    grace=_LONG_POLL_GRACE)
+        except DeadlineExceeded as err:
+            return Output(b"", eof=False, answered=isinstance(err.__cause__, TtrpcError))
         return Output(bytes(resp.data), bool(resp.eof))
 
     async def _poll(self, method: str, req: Any, resp_type: Any, timeout: float) -> Any:

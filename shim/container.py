@@ -399,6 +399,11 @@ class AppContainer(_Task):
                 except Unavailable:
                     await asyncio.sleep(0.05)  # dropped: let the session notice, then ask
                     continue
+                if not out.answered:
+                    # Not "nothing pending": the agent may still hold output (a stalled
+                    # guest or transport). Ask again; a hung agent fails the pod, and
+                    # the reads then end (Unavailable above, then no agent).
+                    continue
                 return out.data, out.eof
 
         async def read_stdout(timeout: float | None) -> tuple[bytes, bool]:

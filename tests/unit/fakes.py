@@ -129,6 +129,8 @@ class FakeAgent:
         self.started: set[str] = set()
         self.exits: dict[tuple[str, str], asyncio.Future[ExitStatus]] = {}
         self.stdout: dict[tuple[str, str], list[bytes]] = {}  # what the process printed
+        # How many reads of a stream go unanswered (a stalled guest) before the rest.
+        self.stalls: dict[tuple[str, str], int] = {}
         # Streams a surviving child still holds open: no EOF after the exit.
         self.held_open: set[tuple[str, str]] = set()
         self.hostname = ""
@@ -261,6 +263,10 @@ class FakeAgent:
     async def read_stdout(
         self, container_id: str, exec_id: str, *, timeout: float = 30, **_: Any
     ) -> Output:
+        if self.stalls.get((container_id, exec_id), 0) > 0:
+            self.stalls[(container_id, exec_id)] -= 1
+            await asyncio.sleep(0.05)  # the local deadline passes: no answer came
+            return Output(b"", eof=False, answered=False)
         chunks = self.stdout.get((container_id, exec_id))
         if chunks:
             return Output(chunks.pop(0), eof=False)

@@ -107,6 +107,32 @@ async def park(ctx: CallContext) -> None:
     await asyncio.sleep(3600)
 
 
+class SilentVm(FakeVm):
+    """A guest whose agent takes requests and never answers (a stalled transport)."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await reader.readline() != b"CONNECT 1024\n":
+            writer.close()
+            return
+        writer.write(b"OK 1\n")
+        self.writers.append(writer)
+        while await reader.read(65536):
+            pass
+
+
+async def test_a_read_nobody_answered_is_not_taken_for_nothing_pending(sock_dir: Path) -> None:
+    """After an exit, an empty answer means all output was read; no answer at all
+    must not (the pumps would end with output still in the guest)."""
+    async with SilentVm().running(sock_dir / "vm.sock") as agent:
+        out = await agent.read_stdout("abc", "", timeout=0.05)
+    assert out == Output(b"", eof=False, answered=False)
+    vm = FakeVm()
+    vm.agent({"ReadStdout": lambda req, ctx: park(ctx)})
+    async with vm.running(sock_dir / "vm2.sock") as agent:
+        out = await agent.read_stdout("abc", "", timeout=0.05)
+    assert out == Output(b"", eof=False, answered=True)  # the agent's own deadline
+
+
 def test_every_rpc_has_a_method() -> None:
     missing = [m.name for m in _SERVICE_DESC.methods if not hasattr(AgentClient, snake(m.name))]
     assert missing == []

@@ -610,6 +610,31 @@ async def test_exit_is_reported_when_a_child_keeps_the_pipe_open(harness: Harnes
     os.close(reader)
 
 
+async def test_output_behind_a_stalled_read_after_the_exit_is_still_delivered(
+    harness: Harness,
+) -> None:
+    """Reads that get no answer at all (a stalled guest or transport) are not taken
+    for "nothing pending": the output behind them reaches the FIFO, then the exit."""
+    await harness.create_sandbox()
+    fifo = harness.tmp / "stdout"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    bundle = harness.bundle("c1", {spec_mod.CONTAINER_TYPE: "container", spec_mod.SANDBOX_ID: POD})
+    await harness.pod.create(
+        CreateTask("c1", bundle, harness.rootfs("c1"), StdioSpec(stdout=str(fifo)))
+    )
+    assert harness.agent is not None
+    harness.agent.stdout[("c1", "")] = [b"late words\n"]
+    harness.agent.stalls[("c1", "")] = 6
+    await harness.pod.start("c1", "")
+    harness.agent.finish("c1", 0)
+    exit_ = await asyncio.wait_for(harness.pod.wait("c1", ""), 15)
+    assert exit_.status == 0
+    assert harness.agent.stalls[("c1", "")] == 0
+    assert os.read(reader, 100) == b"late words\n"
+    os.close(reader)
+
+
 def _pooled(harness: Harness) -> Any:
     """A sandbox as a pooled VM's daemon makes it (shim/warm.py): its own store and
     identity, the VM started with no pod."""
