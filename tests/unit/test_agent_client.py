@@ -80,6 +80,9 @@ class FakeVm:
             return
         writer.write(b"OK 1\n")
         self.writers.append(writer)
+        await self.serve(reader, writer)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.server.serve_connection(reader, writer)
 
     def hang_up(self) -> None:
@@ -110,12 +113,7 @@ async def park(ctx: CallContext) -> None:
 class SilentVm(FakeVm):
     """A guest whose agent takes requests and never answers (a stalled transport)."""
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if await reader.readline() != b"CONNECT 1024\n":
-            writer.close()
-            return
-        writer.write(b"OK 1\n")
-        self.writers.append(writer)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await reader.read(65536):
             pass
 

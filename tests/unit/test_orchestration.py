@@ -588,14 +588,7 @@ async def test_exit_waits_for_a_slow_reader_and_no_output_is_lost(harness: Harne
 async def test_exit_is_reported_when_a_child_keeps_the_pipe_open(harness: Harness) -> None:
     """The process exits, a child it left behind holds stdout open (so no EOF ever
     comes): its output is still delivered, and the exit reported within seconds."""
-    await harness.create_sandbox()
-    fifo = harness.tmp / "stdout"
-    os.mkfifo(fifo)
-    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    bundle = harness.bundle("c1", {spec_mod.CONTAINER_TYPE: "container", spec_mod.SANDBOX_ID: POD})
-    await harness.pod.create(
-        CreateTask("c1", bundle, harness.rootfs("c1"), StdioSpec(stdout=str(fifo)))
-    )
+    reader = await _container_writing_to_a_fifo(harness)
     assert harness.agent is not None
     harness.agent.stdout[("c1", "")] = [b"last words\n"]
     harness.agent.held_open.add(("c1", ""))
@@ -615,14 +608,7 @@ async def test_output_behind_a_stalled_read_after_the_exit_is_still_delivered(
 ) -> None:
     """Reads that get no answer at all (a stalled guest or transport) are not taken
     for "nothing pending": the output behind them reaches the FIFO, then the exit."""
-    await harness.create_sandbox()
-    fifo = harness.tmp / "stdout"
-    os.mkfifo(fifo)
-    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    bundle = harness.bundle("c1", {spec_mod.CONTAINER_TYPE: "container", spec_mod.SANDBOX_ID: POD})
-    await harness.pod.create(
-        CreateTask("c1", bundle, harness.rootfs("c1"), StdioSpec(stdout=str(fifo)))
-    )
+    reader = await _container_writing_to_a_fifo(harness)
     assert harness.agent is not None
     harness.agent.stdout[("c1", "")] = [b"late words\n"]
     harness.agent.stalls[("c1", "")] = 6
@@ -633,6 +619,19 @@ async def test_output_behind_a_stalled_read_after_the_exit_is_still_delivered(
     assert harness.agent.stalls[("c1", "")] == 0
     assert os.read(reader, 100) == b"late words\n"
     os.close(reader)
+
+
+async def _container_writing_to_a_fifo(harness: Harness) -> int:
+    """Container c1 of a new sandbox, its stdout a FIFO; returns the FIFO's read end."""
+    await harness.create_sandbox()
+    fifo = harness.tmp / "stdout"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    bundle = harness.bundle("c1", {spec_mod.CONTAINER_TYPE: "container", spec_mod.SANDBOX_ID: POD})
+    await harness.pod.create(
+        CreateTask("c1", bundle, harness.rootfs("c1"), StdioSpec(stdout=str(fifo)))
+    )
+    return reader
 
 
 def _pooled(harness: Harness) -> Any:
