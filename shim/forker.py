@@ -194,6 +194,14 @@ def _read_stdin() -> bytes:
 ToClose = Callable[[], list[socket.socket]]
 
 
+def _shares_our_mounts(pid: int) -> bool:
+    """Whether process `pid` (0: not in our pid namespace) sees our mount namespace."""
+    try:
+        return pid > 0 and os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return False
+
+
 def _reaped(pid: int) -> bool:
     try:
         return os.waitpid(pid, os.WNOHANG)[0] == pid
@@ -206,8 +214,12 @@ def _serve_one(conn: socket.socket, pools: Pools, close: ToClose) -> int:
     fds: list[int] = []
     handed = False
     try:
-        uid = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        if int.from_bytes(uid[4:8], "little") != os.getuid():
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        if int.from_bytes(cred[4:8], "little") != os.getuid():
+            return 0
+        if not _shares_our_mounts(int.from_bytes(cred[0:4], "little")):
+            # Its paths (the bundle, the FIFOs) are not ours: a worker or daemon made
+            # here would act on other files. No answer: it acts itself.
             return 0
         body, fds = _receive(conn)
         if body.startswith(b"%d:%s," % (len(parent_wire.RUN_VERB), parent_wire.RUN_VERB)):

@@ -175,3 +175,24 @@ def _wait_serving(path: Path) -> None:
             return
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_an_invocation_from_another_mount_namespace_is_not_served(sock_dir: Path) -> None:
+    """Its bundle and FIFO paths are not the parent's: it must act itself (containerd
+    in a mount namespace of its own, beside the node's)."""
+    path = sock_dir / "forker.sock"
+    ask = (
+        f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom shim import entry, parent_wire\n"
+        "req = parent_wire.run_request(['-v'], '/', {}, b'')\n"
+        "try:\n    print(entry.ask_parent(req, sys.argv[1])[0])\n"
+        "except entry.Unavailable:\n    print('unavailable')\n"
+    )
+    with _forker(path):
+        here = subprocess.run([sys.executable, "-c", ask, str(path)], capture_output=True)
+        apart = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", ask,
+             str(path)],
+            capture_output=True,
+        )
+    assert here.stdout == b"0\n", here.stderr
+    assert apart.stdout == b"unavailable\n", apart.stderr
