@@ -90,6 +90,11 @@ def main() -> int:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     collect_stale(path.parent, path)
+    named = path.name.removeprefix("forker-").removesuffix(".sock")
+    if path.name == f"forker-{named}.sock":  # the version it was launched as, not disk's
+        parent_wire.pin_code_key(named)
+    else:
+        parent_wire.code_key()  # a socket of another name (tests): the code as imported
     import gc
     import selectors
 

@@ -16,10 +16,29 @@ RUN_VERB = b"run"
 FIELD_MAX = 16 * 1024 * 1024
 
 
+# This process' version, once known. A parent's is the one it started as: its workers
+# (forks of it) run the code it imported, whatever is on disk since.
+_key: str | None = None
+
+
 def code_key() -> str:
     """A short hash of the shim's code (names, sizes, mtimes) and interpreter: the
-    version a shared parent serves. Not a security boundary (the socket directory is
-    root's alone): it keeps an upgrade from being served by the old code."""
+    version a shared parent serves, computed once per process. Not a security
+    boundary (the socket directory is root's alone): it keeps an upgrade from being
+    served by the old code."""
+    global _key
+    if _key is None:
+        _key = _hash_code()
+    return _key
+
+
+def pin_code_key(key: str) -> None:
+    """Take `key` as this process' version (a parent: the one its socket is named by)."""
+    global _key
+    _key = key
+
+
+def _hash_code() -> str:
     root = os.path.dirname(os.path.abspath(__file__))
     entries: list[str] = []
     pending = [root]

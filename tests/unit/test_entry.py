@@ -196,3 +196,17 @@ def test_an_invocation_from_another_mount_namespace_is_not_served(sock_dir: Path
         )
     assert here.stdout == b"0\n", here.stderr
     assert apart.stdout == b"unavailable\n", apart.stderr
+
+
+def test_a_process_keeps_the_version_it_started_as() -> None:
+    """A parent's workers name its version, not the code on disk changed since."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); from shim import parent_wire as w; "
+        "first = w.code_key(); w._hash_code = lambda: 'changed on disk'; "
+        "print(w.code_key() == first); w.pin_code_key('feedfacefeedface'); "
+        "print(w.code_key(), w.socket_path())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == [
+        "True", "feedfacefeedface /run/cloudhv/forker-feedfacefeedface.sock"
+    ]
