@@ -266,12 +266,7 @@ def _fork_worker(fields: list[bytes], conn: socket.socket, close: ToClose) -> in
     pid = os.fork()
     if pid == 0:
         try:
-            for sock in close():
-                sock.close()
-            _close_all_but([conn.fileno()])
-            import random
-
-            random.seed()
+            _shed_parent_state(close, keep=[conn.fileno()])
             conn.settimeout(None)
             conn.sendall(_run_invocation(argv, cwd, env, stdin))
         finally:
@@ -360,13 +355,7 @@ def _fork_detached(run: Callable[[], int], close: ToClose, keep: Sequence[int]) 
                 os.close(report_w)
                 code = 1
                 try:
-                    for sock in close():
-                        if sock.fileno() not in keep:
-                            sock.close()
-                    _close_all_but(keep)
-                    import random
-
-                    random.seed()  # not the forker's sequence
+                    _shed_parent_state(close, keep)
                     code = run()
                 finally:
                     os._exit(code)
@@ -380,6 +369,18 @@ def _fork_detached(run: Callable[[], int], close: ToClose, keep: Sequence[int]) 
     if pid <= 0:
         raise OSError("the daemon could not be forked")
     return pid
+
+
+def _shed_parent_state(close: ToClose, keep: Sequence[int]) -> None:
+    """In a child just forked: close our sockets and every other descriptor but stdio
+    and `keep`, and reseed `random`, so that no two children draw the parent's sequence."""
+    for sock in close():
+        if sock.fileno() not in keep:
+            sock.close()
+    _close_all_but(keep)
+    import random
+
+    random.seed()
 
 
 def _close_all_but(keep: Sequence[int]) -> None:
