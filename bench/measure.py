@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import ksm
 from shim import forker_client
 from shim.agent import AgentClient
 from shim.config import TCG_TB_SIZE_MIB
@@ -310,22 +311,29 @@ def burst(env: Env, count: int) -> dict[str, Any]:
     }
 
 
-def memory_with_pods(env: Env, count: int) -> dict[str, Any]:
+def memory_with_pods(env: Env, count: int, *, with_ksm: bool = True) -> dict[str, Any]:
     """With `count` idle busybox pods running: shim PSS per pod (every shim process,
-    the shared parent included) and VMM + helpers PSS per pod."""
+    the shared parent included) and VMM + helpers PSS per pod; with `with_ksm`, the
+    same again once the node's same-page merging has run (bench/ksm.py)."""
     pods = Pods(env)
-    try:
-        for _ in range(count):
-            pods.run(["sh", "-c", "echo idle; sleep 100000"])
-        time.sleep(3)
+
+    def sample() -> dict[str, Any]:
         shim_total, daemons = shim_pss_kib(env)
         vmm = vmm_pss_kib(env)
         return {
-            "pods": count,
             "daemons": daemons,
             "shim_pss_per_pod_mib": shim_total / count / 1024,
             "vmm_pss_per_pod_mib": summary([v / 1024 for v in vmm]),
         }
+
+    try:
+        for _ in range(count):
+            pods.run(["sh", "-c", "echo idle; sleep 100000"])
+        time.sleep(3)
+        result: dict[str, Any] = {"pods": count, **sample()}
+        if with_ksm and ksm.available():
+            result["with_ksm"] = ksm.measure_merged(sample)
+        return result
     finally:
         pods.close()
 

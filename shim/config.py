@@ -176,6 +176,9 @@ class Config:
     disk_dir: Path = Path("/var/lib/cloudhv/disks")
     container_upper: ContainerUpperConfig = field(default_factory=ContainerUpperConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    # Offer each pod daemon's copied-on-write memory to the kernel's same-page merging
+    # (shim/samepage.py); it takes effect only where the node runs KSM.
+    daemon_ksm: bool = True
     debug: bool = False
 
 

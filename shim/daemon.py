@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim import config as config_mod
+from shim import samepage
 from shim.cleanup import (
     cleanup,
     collect_cache_garbage,
@@ -180,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if config.debug:
         logging.getLogger().setLevel(logging.DEBUG)
+    if config.daemon_ksm:
+        samepage.offer_own_memory()
     log.info(
         "event=daemon_start pod=%s task=%s namespace=%s socket=%s vmm=%s",
         args.pod_id, args.id, args.namespace, args.socket, config.vmm,

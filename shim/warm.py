@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from shim import config as config_mod
-from shim import daemon, proctitle
+from shim import daemon, proctitle, samepage
 from shim import spec as spec_mod
 from shim.events import Publisher
 from shim.pod import Pod
@@ -69,6 +69,8 @@ class AdoptionFailed(Exception):
 def main(config_text: str, sock: socket.socket, config_path: str) -> int:
     """The pooled VM's daemon, in the process the parent forked for it."""
     config = config_mod.from_trusted(config_text)
+    if config.daemon_ksm:
+        samepage.offer_own_memory()
     vm_id = f"warm-{os.urandom(6).hex()}"
     proctitle.set_title([TITLE, f"config={config_path}", f"vm={vm_id}"])
     store = pool_store(config.state_dir)

@@ -87,7 +87,9 @@ def vm_config(spec: VmSpec, paths: ChPaths, *, landlock: bool) -> dict[str, Any]
     body: dict[str, Any] = {
         "payload": {"kernel": str(spec.kernel), "cmdline": kernel_cmdline(spec.kernel_args)},
         "cpus": {"boot_vcpus": spec.vcpus, "max_vcpus": max(spec.vcpus, spec.max_vcpus)},
-        "memory": {"size": spec.memory_mib * MIB, "shared": True},
+        # Not mergeable: a guest's memory never joins the node's same-page merging
+        # (shim/samepage.py says why).
+        "memory": {"size": spec.memory_mib * MIB, "shared": True, "mergeable": False},
         "disks": [
             {
                 "path": str(spec.rootfs),

@@ -143,7 +143,9 @@ class QemuVmm(Vmm):
             *opts.launcher,
             str(opts.binary),
             "-name", f"cloudhv-{spec.state_dir.name}",
-            "-machine", "q35,memory-backend=mem0",
+            # mem-merge=off: no guest-writable memory joins the node's same-page
+            # merging, whose timing tells one guest what another's pages hold.
+            "-machine", "q35,memory-backend=mem0,mem-merge=off",
             "-accel", accel,
             "-cpu", accel_cpu,
             "-smp", f"{spec.vcpus},maxcpus={max(spec.max_vcpus, spec.vcpus)}",

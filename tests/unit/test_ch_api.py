@@ -94,7 +94,7 @@ def test_the_bodies_carry_every_field_the_backend_ever_sets() -> None:
     assert sent == {
         "payload", "payload.kernel", "payload.cmdline",
         "cpus", "cpus.boot_vcpus", "cpus.max_vcpus",
-        "memory", "memory.size", "memory.shared",
+        "memory", "memory.size", "memory.shared", "memory.mergeable",
         "disks", "disks.[].path", "disks.[].readonly", "disks.[].serial", "disks.[].id",
         "disks.[].image_type",
         "fs", "fs.[].tag", "fs.[].socket", "fs.[].num_queues", "fs.[].queue_size", "fs.[].id",
@@ -123,7 +123,7 @@ def test_vm_config_carries_the_pods_virtio_fs_device() -> None:
 def test_vm_config_says_what_the_guest_needs() -> None:
     body = ch_api.vm_config(vm_spec(vcpus=2, max_vcpus=1), ch_api.ChPaths(STATE), landlock=True)
     assert body["cpus"] == {"boot_vcpus": 2, "max_vcpus": 2}  # never below boot
-    assert body["memory"] == {"size": 256 << 20, "shared": True}
+    assert body["memory"] == {"size": 256 << 20, "shared": True, "mergeable": False}
     assert body["payload"]["cmdline"].startswith("console=ttyS0 root=/dev/vda")
     assert body["disks"][0]["readonly"] is True
     assert body["console"] == {"mode": "Off"}
