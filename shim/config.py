@@ -82,6 +82,10 @@ class QemuConfig:
     # A virtio-balloon that only reports the guest's free pages, which QEMU then gives
     # back to the host: memory a workload used and freed stops costing the node.
     free_page_reporting: bool = True
+    # TCG only: crun in the guest runs without address randomisation, so that QEMU
+    # reuses the code it translated for the previous run (agent/src/jobs.h); every
+    # container's own processes keep theirs.
+    tcg_crun_fixed_layout: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,6 +23,7 @@ def create_vmm(config: Config, spec: VmSpec) -> Vmm:
                 hotplug_slots=config.qemu.hotplug_slots,
                 tcg_tb_size_mib=config.qemu.tcg_tb_size_mib,
                 free_page_reporting=config.qemu.free_page_reporting,
+                tcg_crun_fixed_layout=config.qemu.tcg_crun_fixed_layout,
             ),
         )
     if config.vmm == "cloud-hypervisor":

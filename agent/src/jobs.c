@@ -6,6 +6,7 @@
 #include <spawn.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/personality.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -14,6 +15,8 @@
 #include "fsutil.h"
 #include "log.h"
 #include "proc.h"
+
+bool jobs_crun_fixed_layout;
 
 static struct job jobs[MAX_JOBS];
 static uint32_t job_gen_seq;
@@ -66,8 +69,20 @@ static pid_t spawn(const char *const *argv, const int stdio[3], struct err *e)
 		if (rc)
 			break;
 	}
+	/* The child takes the personality it is spawned with; ours is put back
+	 * at once (the agent is single-threaded: nothing else spawns between). */
+	int persona = -1;
+	if (!rc && jobs_crun_fixed_layout) {
+		persona = personality(0xffffffff);
+		if (persona < 0 || personality((unsigned long)persona | ADDR_NO_RANDOMIZE) < 0) {
+			rc = errno;
+			persona = -1;
+		}
+	}
 	if (!rc)
 		rc = posix_spawn(&pid, argv[0], &fa, &at, (char *const *)argv, crun_env);
+	if (persona >= 0 && personality((unsigned long)persona) < 0)
+		alog("personality: restoring %#x: %s", persona, strerror(errno));
 	posix_spawn_file_actions_destroy(&fa);
 	posix_spawnattr_destroy(&at);
 	if (devnull >= 0)

@@ -14,6 +14,8 @@
 #include "agent.h"
 #include "cgroup.h"
 #include "ev.h"
+#include "fsutil.h"
+#include "jobs.h"
 #include "log.h"
 #include "pid1.h"
 #include "podns.h"
@@ -21,6 +23,7 @@
 #include "redeliver.h"
 #include "relay.h"
 #include "rpc.h"
+#include "spec.h"
 #include "ttrpc.h"
 
 static int sigfd = -1;
@@ -41,6 +44,25 @@ static void usage(void)
 	exit(2);
 }
 
+/* What the shim asks for on the kernel command line (shim/vmm/qemu.py). The
+ * kernel hands dotted parameters it does not know to no one, so they only
+ * reach us here. */
+static void kernel_flags(void)
+{
+	static char line[4096];
+	struct err e;
+	if (read_file("/proc/cmdline", line, sizeof line, NULL, &e) < 0) {
+		alog("%s", e.msg);
+		return;
+	}
+	char *save = NULL;
+	for (char *tok = strtok_r(line, " \n", &save); tok; tok = strtok_r(NULL, " \n", &save))
+		if (!strcmp(tok, "cloudhv.crun_aslr=off"))
+			jobs_crun_fixed_layout = spec_reset_personality = true;
+	if (jobs_crun_fixed_layout)
+		alog("crun runs without address randomisation (TCG); containers keep theirs");
+}
+
 int main(int argc, char **argv)
 {
 	/* The pod's namespace holder is this binary too (podns.c); it is PID 1
@@ -58,10 +80,12 @@ int main(int argc, char **argv)
 		else
 			usage();
 	}
-	if (g_pid1)
+	if (g_pid1) {
 		pid1_setup();
-	else if (prctl(PR_SET_CHILD_SUBREAPER, 1) < 0)
+		kernel_flags();
+	} else if (prctl(PR_SET_CHILD_SUBREAPER, 1) < 0) {
 		alog("prctl PR_SET_CHILD_SUBREAPER: %s", strerror(errno));
+	}
 	agent_dirs();
 
 	/* Children must not inherit these: spawn() resets mask and dispositions. */

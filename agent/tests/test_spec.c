@@ -282,6 +282,26 @@ static void test_spec(void)
 	CHECK(rc < 0 && e.code == C_INVALID_ARGUMENT && strstr(e.msg, "sysctl vm.overcommit_memory is not namespaced"),
 	      "not namespaced: %s", e.msg);
 
+	/* crun without address randomisation: the workload gets a personality
+	 * that crun sets before exec, clearing ADDR_NO_RANDOMIZE; one the spec
+	 * asks for is kept. Off (KVM), nothing is added. */
+	const char *pl = "{\"process\":{},\"linux\":{}}";
+	spec_reset_personality = true;
+	rc = spec_adapt_config(pl, strlen(pl), "/r", "/proc/7/ns", false, &so, &e);
+	spec_buf[rc == 0 ? so.len : 0] = 0;
+	CHECK(rc == 0 && strstr(spec_buf, "\"linux\":{\"personality\":{\"domain\":\"LINUX\"}}"),
+	      "personality reset: %s %s", e.msg, spec_buf);
+	const char *p32 = "{\"process\":{},\"linux\":{\"personality\":{\"domain\":\"LINUX32\"}}}";
+	rc = spec_adapt_config(p32, strlen(p32), "/r", "/proc/7/ns", false, &so, &e);
+	spec_buf[rc == 0 ? so.len : 0] = 0;
+	CHECK(rc == 0 && strstr(spec_buf, "\"personality\":{\"domain\":\"LINUX32\"}") &&
+		      !strstr(spec_buf, "\"LINUX\""),
+	      "the spec's own personality: %s %s", e.msg, spec_buf);
+	spec_reset_personality = false;
+	rc = spec_adapt_config(pl, strlen(pl), "/r", "/proc/7/ns", false, &so, &e);
+	spec_buf[rc == 0 ? so.len : 0] = 0;
+	CHECK(rc == 0 && !strstr(spec_buf, "personality"), "no reset asked: %s %s", e.msg, spec_buf);
+
 	/* No root object, namespaces without paths, network without path. */
 	const char *c2 = "{\"process\":{\"args\":[\"true\"]},\"linux\":{\"namespaces\":[{\"type\":\"network\"},{\"type\":\"uts\"}]},\"hostname\":\"h\"}";
 	rc = spec_adapt_config(c2, strlen(c2), "/r", "/proc/7/ns", true, &so, &e);

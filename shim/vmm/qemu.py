@@ -51,6 +51,8 @@ logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 
 GUEST_CID = 3  # each VM has its own vsock backend, so every guest can use the same CID
 UNPLUG_TIMEOUT_S = 10.0
+# Read by the agent from /proc/cmdline (agent/src/main.c).
+CRUN_FIXED_LAYOUT_ARG = "cloudhv.crun_aslr=off"
 
 # "log": the serial port on a socket this backend reads into console.log (capped);
 # "socket": served on `serial_path` for someone else to read; "file": written to
@@ -67,6 +69,8 @@ class QemuOptions:
     hotplug_slots: int = 8
     tcg_tb_size_mib: int = 0  # 0: QEMU's default translation cache
     free_page_reporting: bool = False  # a virtio-balloon reporting the guest's free pages
+    # TCG: the agent runs crun without address randomisation (config.py says why).
+    tcg_crun_fixed_layout: bool = False
     # Disks attached at boot, the first as /dev/vda; empty: the spec's rootfs, read-only.
     boot_disks: tuple[DiskSpec, ...] = ()
     serial: SerialMode = "log"
@@ -139,6 +143,9 @@ class QemuVmm(Vmm):
         mem = f"{spec.memory_mib}M"
         # The serial console is ttyS0 unless the caller's command line names one.
         console_arg = "" if "console=" in spec.kernel_args else "console=ttyS0 "
+        agent_args = ""
+        if opts.accel == "tcg" and opts.tcg_crun_fixed_layout:
+            agent_args = f" {CRUN_FIXED_LAYOUT_ARG}"
         cmd = [
             *opts.launcher,
             str(opts.binary),
@@ -156,7 +163,7 @@ class QemuVmm(Vmm):
             *(() if opts.reboot else ("-no-reboot",)),
             *self._serial_args(),
             "-kernel", str(spec.kernel),
-            "-append", f"{console_arg}{spec.kernel_args}",
+            "-append", f"{console_arg}{spec.kernel_args}{agent_args}",
         ]
         for disk in self._boot_disks():
             readonly = "on" if disk.read_only else "off"

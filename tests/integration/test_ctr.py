@@ -112,6 +112,37 @@ def test_exec_kill_and_event_order(env: Env) -> None:
     assert env.wait_clean() == []
 
 
+def test_under_tcg_crun_runs_unrandomized_and_every_container_process_keeps_aslr(
+    env: Env,
+) -> None:
+    """crun runs without address randomisation in a TCG guest (QEMU then reuses its
+    translated code); the container's init and its execs get theirs back."""
+    ctr = env.containerd.ctr
+    init = "cat /proc/self/personality > /tmp/init; sleep 600"
+    ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX, "aslr1", "sh", "-c", init)
+    try:
+        def run(*argv: str) -> str:
+            exec_id = f"x{time.monotonic_ns()}"
+            return str(ctr("task", "exec", "--exec-id", exec_id, "aslr1", *argv).stdout)
+
+        deadline = time.monotonic() + 30
+        while not run("cat", "/tmp/init").strip() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run("cat", "/tmp/init").strip() == "00000000"  # no ADDR_NO_RANDOMIZE
+        assert run("cat", "/proc/self/personality").strip() == "00000000"
+        stacks = {run("grep", "stack", "/proc/self/maps").split("-")[0] for _ in range(3)}
+        assert len(stacks) == 3, stacks  # a new random stack for every process
+        console = "".join(p.read_text(errors="replace") for p in env.state_dir.rglob("console.log"))
+        assert "crun runs without address randomisation (TCG)" in console
+    finally:
+        ctr("task", "kill", "-s", "SIGKILL", "aslr1", check=False)
+        deadline = time.monotonic() + 30
+        while ctr("task", "rm", "aslr1", check=False).returncode and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ctr("container", "rm", "aslr1", check=False)
+    assert env.wait_clean() == []
+
+
 def parse_events(text: str, container_id: str) -> list[tuple[str, dict[str, object]]]:
     """`ctr events` lines are `DATE TIME ZONE UTC NAMESPACE TOPIC JSON`."""
     found = []

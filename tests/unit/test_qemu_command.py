@@ -38,3 +38,25 @@ def test_the_reporting_balloon_only_when_asked(tmp_path: Path) -> None:
     argv = QemuVmm(spec, asked).command()
     assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in argv
     assert config_mod.QemuConfig().free_page_reporting
+
+
+def _append(tmp_path: Path, options: QemuOptions) -> str:
+    spec = VmSpec(tmp_path, Path("/k"), Path("/r"), "quiet", 1, 1, 256)
+    argv = QemuVmm(spec, options).command()
+    return argv[argv.index("-append") + 1]
+
+
+def test_crun_loses_randomisation_only_under_tcg_and_when_asked(tmp_path: Path) -> None:
+    asked = QemuOptions(Path("/q"), "tcg", Path("/v"), tcg_crun_fixed_layout=True)
+    assert _append(tmp_path, asked).split()[-1] == "cloudhv.crun_aslr=off"
+    kvm = QemuOptions(Path("/q"), "kvm", Path("/v"), tcg_crun_fixed_layout=True)
+    assert "cloudhv.crun_aslr" not in _append(tmp_path, kvm)
+    plain = QemuOptions(Path("/q"), "tcg", Path("/v"))
+    assert "cloudhv.crun_aslr" not in _append(tmp_path, plain)
+    assert config_mod.QemuConfig().tcg_crun_fixed_layout
+
+
+def test_qemu_memory_never_joins_same_page_merging(tmp_path: Path) -> None:
+    spec = VmSpec(tmp_path, Path("/k"), Path("/r"), "quiet", 1, 1, 256)
+    argv = QemuVmm(spec, QemuOptions(Path("/q"), "tcg", Path("/v"))).command()
+    assert "mem-merge=off" in argv[argv.index("-machine") + 1].split(",")
