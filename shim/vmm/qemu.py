@@ -82,6 +82,15 @@ class QemuOptions:
     on_event: QmpEvent | None = None  # hears every QMP event (name, data)
 
 
+def kernel_command_line(spec: VmSpec, opts: QemuOptions) -> str:
+    # The serial console is ttyS0 unless the caller's command line names one.
+    console_arg = "" if "console=" in spec.kernel_args else "console=ttyS0 "
+    agent_args = ""
+    if opts.accel == "tcg" and opts.tcg_crun_fixed_layout:
+        agent_args = f" {CRUN_FIXED_LAYOUT_ARG}"
+    return f"{console_arg}{spec.kernel_args}{agent_args}"
+
+
 class QemuVmm(Vmm):
     def __init__(self, spec: VmSpec, options: QemuOptions) -> None:
         self._spec = spec
@@ -141,11 +150,6 @@ class QemuVmm(Vmm):
         if accel == "tcg" and opts.tcg_tb_size_mib:
             accel += f",tb-size={opts.tcg_tb_size_mib}"
         mem = f"{spec.memory_mib}M"
-        # The serial console is ttyS0 unless the caller's command line names one.
-        console_arg = "" if "console=" in spec.kernel_args else "console=ttyS0 "
-        agent_args = ""
-        if opts.accel == "tcg" and opts.tcg_crun_fixed_layout:
-            agent_args = f" {CRUN_FIXED_LAYOUT_ARG}"
         cmd = [
             *opts.launcher,
             str(opts.binary),
@@ -163,7 +167,7 @@ class QemuVmm(Vmm):
             *(() if opts.reboot else ("-no-reboot",)),
             *self._serial_args(),
             "-kernel", str(spec.kernel),
-            "-append", f"{console_arg}{spec.kernel_args}{agent_args}",
+            "-append", kernel_command_line(spec, opts),
         ]
         for disk in self._boot_disks():
             readonly = "on" if disk.read_only else "off"
