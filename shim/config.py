@@ -98,6 +98,9 @@ class CloudHypervisorConfig:
     # Devices plugged at once. CH places them on PCI segment 0: 32 slots, of which the
     # host bridge, the root disk, vsock and rng take 4.
     hotplug_slots: Annotated[int, Range(ge=1, le=28)] = 16
+    # As qemu.free_page_reporting: a balloon of size 0 that reports the guest's free
+    # pages, which CH gives back to the host.
+    free_page_reporting: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

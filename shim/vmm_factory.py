@@ -36,6 +36,7 @@ def create_vmm(config: Config, spec: VmSpec) -> Vmm:
                 landlock=config.cloud_hypervisor.landlock,
                 hotplug_slots=config.cloud_hypervisor.hotplug_slots,
                 verbose=config.debug,
+                free_page_reporting=config.cloud_hypervisor.free_page_reporting,
             ),
         )
     raise VmmError(

@@ -82,7 +82,9 @@ def _rule(host_dir: HostDir) -> dict[str, str]:
     return {"path": str(host_dir.path), "access": "rw" if host_dir.writable else "r"}
 
 
-def vm_config(spec: VmSpec, paths: ChPaths, *, landlock: bool) -> dict[str, Any]:
+def vm_config(
+    spec: VmSpec, paths: ChPaths, *, landlock: bool, free_page_reporting: bool = False
+) -> dict[str, Any]:
     """The body of PUT /vm.create."""
     body: dict[str, Any] = {
         "payload": {"kernel": str(spec.kernel), "cmdline": kernel_cmdline(spec.kernel_args)},
@@ -115,6 +117,10 @@ def vm_config(spec: VmSpec, paths: ChPaths, *, landlock: bool) -> dict[str, Any]
                 "id": "fs0",
             }
         ]
+    if free_page_reporting:
+        # A balloon that never inflates (size 0): the guest reports its free pages and
+        # CH gives them back to the host (the guest kernel's PAGE_REPORTING).
+        body["balloon"] = {"size": 0, "free_page_reporting": True, "id": "balloon0"}
     if landlock:
         body["landlock_enable"] = True
         body["landlock_rules"] = landlock_rules(spec)

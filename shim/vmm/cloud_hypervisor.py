@@ -64,6 +64,7 @@ class ChOptions:
     landlock: bool = True
     hotplug_slots: int = 16
     verbose: bool = False
+    free_page_reporting: bool = False  # a balloon of size 0 reporting free guest pages
 
 
 class CloudHypervisorVmm(Vmm):
@@ -126,7 +127,12 @@ class CloudHypervisorVmm(Vmm):
         try:
             await self._spawn(on_process)
             await self._wait_ping(deadline)
-            body = ch_api.vm_config(self._spec, self._paths, landlock=self._options.landlock)
+            body = ch_api.vm_config(
+                self._spec,
+                self._paths,
+                landlock=self._options.landlock,
+                free_page_reporting=self._options.free_page_reporting,
+            )
             await self._api.call("PUT", "vm.create", body)
             await self._api.call("PUT", "vm.boot")
             await self._console.attach(self._paths.serial_socket, deadline)

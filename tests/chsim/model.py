@@ -342,9 +342,11 @@ class StandIn:
         vsock = config.get("vsock")
         if vsock is not None:
             vsock.setdefault("id", self._next_name("_vsock"))
+        balloon = config.get("balloon") or {}
         return QemuOptions(
             binary=self._backend.qemu,
             accel=self._backend.accel,
+            free_page_reporting=bool(balloon.get("free_page_reporting")),
             vsock_backend=self._backend.vsock_backend,
             hotplug_slots=self._backend.hotplug_slots,
             boot_disks=boot_disks,
@@ -561,7 +563,7 @@ def _parse_body(schema: str, raw: bytes) -> dict[str, Any]:
 
 
 _UNMODELLED = ("pmem", "devices", "user_devices", "vdpa", "generic-vhost-user", "net",
-               "numa", "tpm", "balloon", "pci_segments", "rate_limit_groups")
+               "numa", "tpm", "pci_segments", "rate_limit_groups")
 
 
 def _unsupported_config(config: dict[str, Any]) -> str:
@@ -579,6 +581,9 @@ def _unsupported_config(config: dict[str, Any]) -> str:
             return "a vhost-user disk"
         if disk.get("image_type", "Raw") != "Raw":
             return f"image_type {disk['image_type']}"
+    balloon = config.get("balloon")
+    if balloon and (balloon.get("size") or balloon.get("deflate_on_oom")):
+        return "a balloon that inflates (the stand-in models size 0, free page reporting)"
     if config.get("serial", {}).get("mode") == "Pty":
         return "serial mode Pty"
     if config.get("console", {}).get("mode", "Tty") not in ("Off", "Null", "Tty"):
@@ -608,8 +613,9 @@ def _validate(config: dict[str, Any]) -> str:
 
 def _config_ids(config: dict[str, Any], *, with_duplicates: bool = False) -> list[str]:
     ids = [d["id"] for key in ("disks", "net") for d in config.get(key, []) if "id" in d]
-    if config.get("vsock", {}).get("id"):
-        ids.append(config["vsock"]["id"])
+    for single in ("vsock", "balloon"):
+        if (config.get(single) or {}).get("id"):
+            ids.append(config[single]["id"])
     return ids if with_duplicates else sorted(set(ids))
 
 

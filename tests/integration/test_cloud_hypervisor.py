@@ -58,9 +58,14 @@ def vm_processes(root: Path) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def booted(
-    root: Path, *, landlock: bool = True
+    root: Path, *, landlock: bool = True, free_page_reporting: bool = False
 ) -> AsyncIterator[tuple[CloudHypervisorVmm, AgentClient]]:
-    options = ChOptions(binary=STANDIN, landlock=landlock, hotplug_slots=4)
+    options = ChOptions(
+        binary=STANDIN,
+        landlock=landlock,
+        hotplug_slots=4,
+        free_page_reporting=free_page_reporting,
+    )
     vmm = CloudHypervisorVmm(vm_spec(root), options)
     await vmm.start()
     agent: AgentClient | None = None
@@ -121,6 +126,23 @@ async def test_landlock_keeps_the_vmm_to_the_pods_paths(tmp_path: Path) -> None:
     async with booted(tmp_path / "off", landlock=False) as (vmm, _):
         await vmm.add_disk(DiskSpec("x1", image, "x1"), 0)
         await vmm.remove_disk("x1")
+
+
+async def test_the_reporting_balloon_reaches_the_vm(tmp_path: Path) -> None:
+    """free_page_reporting asks CH for a balloon of size 0 that reports free pages; the
+    stand-in gives its QEMU the same device, and the guest still boots and serves."""
+    async with booted(tmp_path, free_page_reporting=True) as (vmm, agent):
+        assert await agent.health()
+        api = ChHttp(vmm.agent_socket.parent / "api.sock")
+        balloon = json.loads((await api.call("GET", "vm.info")).body)["config"]["balloon"]
+        assert balloon["size"] == 0 and balloon["free_page_reporting"] is True
+        commands = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                commands.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "))
+        qemu = [c for c in commands if b"qemu-system" in c and str(tmp_path).encode() in c]
+        assert len(qemu) == 1 and b"virtio-balloon-pci" in qemu[0]
+        assert b"free-page-reporting=on" in qemu[0]
 
 
 CLONE_NEWNET = 0x40000000

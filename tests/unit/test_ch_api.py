@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from shim import config as config_mod
 from shim.vmm import ch_api
 from shim.vmm.base import DiskSpec, HostDir, NetSpec, SharedFsSpec, VmSpec
 from shim.vmm.cloud_hypervisor import ChOptions, CloudHypervisorVmm
@@ -45,13 +46,19 @@ def every_vm_config() -> list[dict[str, Any]]:
     paths = ch_api.ChPaths(STATE)
     bodies = []
     shared = SharedFsSpec(socket=Path("/run/cloudhv/pod/fs/virtiofsd.sock"), tag="cloudhv")
-    for landlock, (vcpus, max_vcpus), host_dirs, shared_fs in itertools.product(
-        (True, False), ((1, 1), (2, 4), (3, 1)), ((), vm_spec().host_dirs), (None, shared)
+    for landlock, (vcpus, max_vcpus), host_dirs, shared_fs, reporting in itertools.product(
+        (True, False),
+        ((1, 1), (2, 4), (3, 1)),
+        ((), vm_spec().host_dirs),
+        (None, shared),
+        (True, False),
     ):
         spec_ = vm_spec(
             vcpus=vcpus, max_vcpus=max_vcpus, host_dirs=host_dirs, shared_fs=shared_fs
         )
-        bodies.append(ch_api.vm_config(spec_, paths, landlock=landlock))
+        bodies.append(
+            ch_api.vm_config(spec_, paths, landlock=landlock, free_page_reporting=reporting)
+        )
     return bodies
 
 
@@ -95,6 +102,7 @@ def test_the_bodies_carry_every_field_the_backend_ever_sets() -> None:
         "payload", "payload.kernel", "payload.cmdline",
         "cpus", "cpus.boot_vcpus", "cpus.max_vcpus",
         "memory", "memory.size", "memory.shared", "memory.mergeable",
+        "balloon", "balloon.size", "balloon.free_page_reporting", "balloon.id",
         "disks", "disks.[].path", "disks.[].readonly", "disks.[].serial", "disks.[].id",
         "disks.[].image_type",
         "fs", "fs.[].tag", "fs.[].socket", "fs.[].num_queues", "fs.[].queue_size", "fs.[].id",
@@ -257,3 +265,14 @@ def test_the_backend_stays_light_in_the_daemon() -> None:
     heavy = {"requests", "urllib3", "http.client", "email", "pydantic", "yaml", "jsonschema",
              "qemu", "qemu.qmp", "openapi_schema_validator"}
     assert sorted(heavy & loaded) == []
+
+
+def test_the_reporting_balloon_only_when_asked() -> None:
+    plain = ch_api.vm_config(vm_spec(), ch_api.ChPaths(STATE), landlock=True)
+    assert "balloon" not in plain
+    asked = ch_api.vm_config(
+        vm_spec(), ch_api.ChPaths(STATE), landlock=True, free_page_reporting=True
+    )
+    # Size 0: it never takes memory from the guest, it only reports free pages.
+    assert asked["balloon"] == {"size": 0, "free_page_reporting": True, "id": "balloon0"}
+    assert config_mod.CloudHypervisorConfig().free_page_reporting
