@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import time
 from typing import Any
 
-from bench.measure import Pods
+from bench.measure import Pods, timed_execs
 from tests.integration.ctr_fixtures import containerd_env
 
 PODS = 3
@@ -36,13 +35,7 @@ def one_config(fixed_layout: bool, execs: int) -> dict[str, Any]:
             for _ in range(PODS):
                 _, cid, _, to_log = pods.run(["sh", "-c", "echo x; sleep 600"])
                 first_output.append(to_log)
-            for _ in range(3):
-                pods.exec_sync(cid, ["true"])  # warm
-            times = []
-            for _ in range(execs):
-                started = time.monotonic()
-                pods.exec_sync(cid, ["true"])
-                times.append(time.monotonic() - started)
+            times = timed_execs(pods, cid, execs)
             consoles = "\n".join(
                 p.read_text(errors="replace") for p in env.state_dir.rglob("console.log")
             )

@@ -457,19 +457,25 @@ def _clock_ticks() -> int:
     return os.sysconf("SC_CLK_TCK")
 
 
+def timed_execs(pods: Pods, container_id: str, n: int) -> list[float]:
+    """Seconds of `n` ExecSync `true` in `container_id`, after three to warm up."""
+    for _ in range(3):
+        pods.exec_sync(container_id, ["true"])
+    times = []
+    for _ in range(n):
+        started = time.monotonic()
+        pods.exec_sync(container_id, ["true"])
+        times.append(time.monotonic() - started)
+    return times
+
+
 def exec_round_trip(env: Env, n: int) -> dict[str, Any]:
     """ExecSync(`true`) at the CRI client, and the in-guest crun exec (the agent's own
     timing of ExecProcess on the console), so their difference is the shim's share."""
     pods = Pods(env)
     try:
         pod, cid, _, _ = pods.run(["sh", "-c", "echo x; sleep 600"])
-        for _ in range(3):
-            pods.exec_sync(cid, ["true"])  # warm
-        times = []
-        for _ in range(n):
-            started = time.monotonic()
-            pods.exec_sync(cid, ["true"])
-            times.append(time.monotonic() - started)
+        times = timed_execs(pods, cid, n)
         console = next(env.state_dir.rglob("console.log")).read_text(errors="replace")
         pattern = r"ExecProcess\S* .*?-> OK \((\d+\.\d+) ms\)"
         crun = [float(m) / 1000 for m in re.findall(pattern, console)][-n:]
