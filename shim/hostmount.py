@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from shim.libc import LIBC
+
 MS_RDONLY = 1
 MNT_DETACH = 2
 
@@ -20,20 +22,8 @@ class MountError(OSError):
     """A mount or unmount failed; the message names the operation and the path."""
 
 
-_libc: ctypes.CDLL | None = None
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        # The C library this interpreter is linked with: no ctypes.util.find_library,
-        # which runs `ldconfig -p` and imports tempfile into every daemon.
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
-
 def mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None:
-    rc = _lib().mount(source.encode(), str(target).encode(), fstype.encode(), flags, data.encode())
+    rc = LIBC.mount(source.encode(), str(target).encode(), fstype.encode(), flags, data.encode())
     if rc != 0:
         err = ctypes.get_errno()
         raise MountError(err, f"mount {fstype} {source} on {target}: {os.strerror(err)}")
@@ -41,7 +31,7 @@ def mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None
 
 def unmount(target: Path, *, detach: bool = False) -> None:
     """Unmount `target`; not mounted is fine."""
-    rc = _lib().umount2(str(target).encode(), MNT_DETACH if detach else 0)
+    rc = LIBC.umount2(str(target).encode(), MNT_DETACH if detach else 0)
     if rc != 0:
         err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOENT):

@@ -21,10 +21,11 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from shim.libc import LIBC
+
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class NetnsGone(FileNotFoundError):
@@ -32,7 +33,7 @@ class NetnsGone(FileNotFoundError):
 
 
 def _setns(fd: int, what: str) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
+    if LIBC.setns(fd, CLONE_NEWNET) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"setns to {what}: {os.strerror(code)}")
 

@@ -18,6 +18,8 @@ import ctypes
 import logging
 from collections.abc import Iterable, Iterator
 
+from shim.libc import LIBC
+
 log = logging.getLogger(__name__)
 
 MADV_MERGEABLE = 12
@@ -44,13 +46,13 @@ def offer_own_memory() -> int:
     """Mark this process's private writable mappings mergeable; returns the bytes
     marked. Mappings made later (new allocations) are not marked: they hold this
     daemon's own objects, which no other daemon shares."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise = LIBC.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     marked = 0
     with open("/proc/self/maps") as maps:
         ranges = list(private_writable_ranges(maps))
     for start, length in ranges:
-        if libc.madvise(start, length, MADV_MERGEABLE) == 0:
+        if madvise(start, length, MADV_MERGEABLE) == 0:
             marked += length
         else:
             # EINVAL: a kernel built without KSM. Nothing to gain, nothing broken.
