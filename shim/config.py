@@ -83,7 +83,7 @@ class QemuConfig:
     # back to the host: memory a workload used and freed stops costing the node.
     free_page_reporting: bool = True
     # TCG only: crun in the guest runs without address randomisation, so that QEMU
-    # reuses the code it translated for the previous run (agent/src/jobs.h); every
+    # reuses the code it translated for the previous run (agent/src/bootopts.h); every
     # container's own processes keep theirs.
     tcg_crun_fixed_layout: bool = True
 

@@ -12,11 +12,10 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "bootopts.h"
 #include "fsutil.h"
 #include "log.h"
 #include "proc.h"
-
-bool jobs_crun_fixed_layout;
 
 static struct job jobs[MAX_JOBS];
 static uint32_t job_gen_seq;
@@ -72,7 +71,7 @@ static pid_t spawn(const char *const *argv, const int stdio[3], struct err *e)
 	/* The child takes the personality it is spawned with; ours is put back
 	 * at once (the agent is single-threaded: nothing else spawns between). */
 	int persona = -1;
-	if (!rc && jobs_crun_fixed_layout) {
+	if (!rc && bootopt_crun_fixed_layout) {
 		persona = personality(0xffffffff);
 		if (persona < 0 || personality((unsigned long)persona | ADDR_NO_RANDOMIZE) < 0) {
 			rc = errno;

@@ -34,13 +34,6 @@ struct job {
 	job_done_fn done;
 };
 
-/* Under TCG, QEMU reuses the code it translated only for a process whose code
- * sits at the same virtual addresses: with address randomisation each crun
- * run is translated anew (and fills the translation cache, whose flush slows
- * the whole VM). Set from the kernel command line (main.c): crun runs with
- * ADDR_NO_RANDOMIZE, and spec.h gives the workload its randomisation back. */
-extern bool jobs_crun_fixed_layout;
-
 /* Reserves a job slot; the caller fills cont/proc (and a console socket). */
 struct job *job_alloc(struct err *e);
 /* Spawns `crun --root R --log file:L <args...>` with fds 0-2 = stdio

@@ -12,10 +12,9 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "bootopts.h"
 #include "cgroup.h"
 #include "ev.h"
-#include "fsutil.h"
-#include "jobs.h"
 #include "log.h"
 #include "pid1.h"
 #include "podns.h"
@@ -23,7 +22,6 @@
 #include "redeliver.h"
 #include "relay.h"
 #include "rpc.h"
-#include "spec.h"
 #include "ttrpc.h"
 
 static int sigfd = -1;
@@ -44,22 +42,12 @@ static void usage(void)
 	exit(2);
 }
 
-/* What the shim asks for on the kernel command line (shim/vmm/qemu.py). The
- * kernel hands dotted parameters it does not know to no one, so they only
- * reach us here. */
 static void kernel_flags(void)
 {
-	static char line[4096];
 	struct err e;
-	if (read_file("/proc/cmdline", line, sizeof line, NULL, &e) < 0) {
+	if (bootopts_read("/proc/cmdline", &e) < 0)
 		alog("%s", e.msg);
-		return;
-	}
-	char *save = NULL;
-	for (char *tok = strtok_r(line, " \n", &save); tok; tok = strtok_r(NULL, " \n", &save))
-		if (!strcmp(tok, "cloudhv.crun_aslr=off"))
-			jobs_crun_fixed_layout = spec_reset_personality = true;
-	if (jobs_crun_fixed_layout)
+	if (bootopt_crun_fixed_layout)
 		alog("crun runs without address randomisation (TCG); containers keep theirs");
 }
 

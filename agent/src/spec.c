@@ -4,6 +4,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "bootopts.h"
 #include "json.h"
 #include "seccomp.h"
 
@@ -159,8 +160,6 @@ static int check_mounts(struct jdoc *d, int root, struct err *e)
 	return 0;
 }
 
-bool spec_reset_personality;
-
 int spec_adapt_config(const char *json, size_t len, const char *root_path, const char *podns_dir,
 		      bool terminal, struct spec_out *out, struct err *e)
 {
@@ -200,7 +199,7 @@ int spec_adapt_config(const char *json, size_t len, const char *root_path, const
 	int linux_ = json_get(d, root, "linux");
 	if (linux_ >= 0 && d->n[linux_].type == J_OBJ) {
 		json_del(d, json_get(d, linux_, "mountLabel"));
-		if (spec_reset_personality && json_get(d, linux_, "personality") < 0 &&
+		if (bootopt_crun_fixed_layout && json_get(d, linux_, "personality") < 0 &&
 		    json_set(d, linux_, "personality", "{\"domain\":\"LINUX\"}", e) < 0)
 			return -1;
 		if (adapt_namespaces(d, linux_, podns_dir, out, e) < 0 || take_net_sysctls(d, linux_, out, e) < 0 ||

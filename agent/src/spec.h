@@ -17,8 +17,8 @@
  *    and one that is not namespaced is refused by name;
  *  - apparmorProfile, selinuxLabel, mountLabel and hooks are dropped;
  *  - a bind mount whose source does not exist in the guest is an error;
- *  - with spec_reset_personality set (crun runs without address
- *    randomisation, jobs.h), a spec without linux.personality gets
+ *  - with bootopt_crun_fixed_layout (crun runs without address
+ *    randomisation, bootopts.h), a spec without linux.personality gets
  *    {"domain":"LINUX"}: crun sets it in the container before it execs the
  *    process (crun exec too), which clears ADDR_NO_RANDOMIZE, so the
  *    workload's layout is random again. */
@@ -41,8 +41,6 @@ struct spec_out {
 	int n_sysctl;
 	bool own_pidns;     /* the container's init is PID 1 of a PID namespace of its own */
 };
-
-extern bool spec_reset_personality;
 
 /* podns_dir: "/proc/<pid>/ns" of the pod's namespace holder. */
 int spec_adapt_config(const char *json, size_t len, const char *root_path, const char *podns_dir,

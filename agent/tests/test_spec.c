@@ -2,9 +2,11 @@
  * adaptation (`make -C agent test`). */
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <signal.h>
 
+#include "bootopts.h"
 #include "json.h"
 #include "sigstate.h"
 #include "spec.h"
@@ -286,7 +288,7 @@ static void test_spec(void)
 	 * that crun sets before exec, clearing ADDR_NO_RANDOMIZE; one the spec
 	 * asks for is kept. Off (KVM), nothing is added. */
 	const char *pl = "{\"process\":{},\"linux\":{}}";
-	spec_reset_personality = true;
+	bootopt_crun_fixed_layout = true;
 	rc = spec_adapt_config(pl, strlen(pl), "/r", "/proc/7/ns", false, &so, &e);
 	spec_buf[rc == 0 ? so.len : 0] = 0;
 	CHECK(rc == 0 && strstr(spec_buf, "\"linux\":{\"personality\":{\"domain\":\"LINUX\"}}"),
@@ -297,10 +299,26 @@ static void test_spec(void)
 	CHECK(rc == 0 && strstr(spec_buf, "\"personality\":{\"domain\":\"LINUX32\"}") &&
 		      !strstr(spec_buf, "\"LINUX\""),
 	      "the spec's own personality: %s %s", e.msg, spec_buf);
-	spec_reset_personality = false;
+	bootopt_crun_fixed_layout = false;
 	rc = spec_adapt_config(pl, strlen(pl), "/r", "/proc/7/ns", false, &so, &e);
 	spec_buf[rc == 0 ? so.len : 0] = 0;
 	CHECK(rc == 0 && !strstr(spec_buf, "personality"), "no reset asked: %s %s", e.msg, spec_buf);
+
+	/* The option comes from the kernel command line, as one word of it. */
+	const char *cmdline = "/tmp/cloudhv-test-cmdline";
+	FILE *f = fopen(cmdline, "w");
+	CHECK(f && fputs("console=ttyS0 quiet cloudhv.crun_aslr=offx cloudhv.crun_aslr=of\n", f) >= 0, "write %s", cmdline);
+	if (f)
+		fclose(f);
+	CHECK(bootopts_read(cmdline, &e) == 0 && !bootopt_crun_fixed_layout, "no exact word: %s", e.msg);
+	f = fopen(cmdline, "w");
+	CHECK(f && fputs("root=/dev/vda quiet cloudhv.crun_aslr=off\n", f) >= 0, "write %s", cmdline);
+	if (f)
+		fclose(f);
+	CHECK(bootopts_read(cmdline, &e) == 0 && bootopt_crun_fixed_layout, "the word at the end: %s", e.msg);
+	bootopt_crun_fixed_layout = false;
+	unlink(cmdline);
+	CHECK(bootopts_read(cmdline, &e) < 0 && !bootopt_crun_fixed_layout, "no file is an error");
 
 	/* No root object, namespaces without paths, network without path. */
 	const char *c2 = "{\"process\":{\"args\":[\"true\"]},\"linux\":{\"namespaces\":[{\"type\":\"network\"},{\"type\":\"uts\"}]},\"hostname\":\"h\"}";
