@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.procfs import cpu_ticks
+
 KSM = Path("/sys/kernel/mm/ksm")
 
 
@@ -31,8 +33,7 @@ def _ksmd_ticks() -> int:
             continue
         with contextlib.suppress(OSError):
             if (entry / "comm").read_text().strip() == "ksmd":
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                return int(fields[11]) + int(fields[12])
+                return cpu_ticks(int(entry.name))[0]
     return 0
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import ksm
+from bench.procfs import cpu_ticks
 from shim import forker_client
 from shim.agent import AgentClient
 from shim.config import TCG_TB_SIZE_MIB
@@ -338,13 +339,6 @@ def memory_with_pods(env: Env, count: int, *, with_ksm: bool = True) -> dict[str
         pods.close()
 
 
-def _cpu_ticks(pid: int) -> tuple[int, int]:
-    """(utime + stime, cutime + cstime) of `pid`, in clock ticks."""
-    stat = Path(f"/proc/{pid}/stat").read_bytes()
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
-
-
 # Runs the shim binary as containerd would, then records the CPU time the binary used
 # (bash's `times`: its children's user and system time). The wrapper's own is not counted.
 _TIMING_WRAPPER = """#!/bin/bash
@@ -378,7 +372,7 @@ def lifecycle_cpu(n: int) -> dict[str, Any]:
                 for _ in range(n):
                     for old in times_dir.iterdir():
                         old.unlink()
-                    _, children_before = _cpu_ticks(containerd)
+                    _, children_before = cpu_ticks(containerd)
                     parent_before = _parent_ticks()
                     pod, _, _, _ = pods.run(["sh", "-c", "echo x; sleep 600"])
                     ((daemon, _),) = shim_processes(env.containerd)
@@ -386,7 +380,7 @@ def lifecycle_cpu(n: int) -> dict[str, Any]:
                         pods.remove(pod)
                         daemon_ticks.wait_gone(10.0)
                     time.sleep(0.6)  # the parent reaps its last worker
-                    _, children_after = _cpu_ticks(containerd)
+                    _, children_after = cpu_ticks(containerd)
                     invocations = [_times_s(f) for f in times_dir.iterdir()]
                     parent = (_parent_ticks() - parent_before) / ticks_per_s
                     daemon_s = daemon_ticks.last / ticks_per_s
@@ -420,7 +414,7 @@ def _times_s(path: Path) -> float:
 def _parent_ticks() -> int:
     """This checkout's shared parent: its CPU with that of the children it reaped."""
     pids = processes_matching("shim.forker", str(forker_client.socket_path()))
-    return sum(sum(_cpu_ticks(pid)) for pid in pids)
+    return sum(sum(cpu_ticks(pid)) for pid in pids)
 
 
 class _LastTicks:
@@ -428,14 +422,14 @@ class _LastTicks:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.last = _cpu_ticks(pid)[0]
+        self.last = cpu_ticks(pid)[0]
         self._gone = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while True:
             try:
-                self.last = _cpu_ticks(self.pid)[0]
+                self.last = cpu_ticks(self.pid)[0]
             except (OSError, ValueError, IndexError):
                 self._gone.set()
                 return
