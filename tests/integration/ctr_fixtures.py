@@ -86,6 +86,16 @@ class Env:
             time.sleep(0.2)
         return ready
 
+    def remove_container(self, name: str, timeout: float = 30) -> None:
+        """SIGKILL a `ctr run` container's task, remove the task once it has exited
+        (retried until `timeout`), then the container."""
+        ctr = self.containerd.ctr
+        ctr("task", "kill", "-s", "SIGKILL", name, check=False)
+        deadline = time.monotonic() + timeout
+        while ctr("task", "rm", name, check=False).returncode and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ctr("container", "rm", name, check=False)
+
     def wait_clean(self, timeout: float = 30) -> list[str]:
         deadline = time.monotonic() + timeout
         while (found := self.leftovers()) and time.monotonic() < deadline:

@@ -135,11 +135,7 @@ def test_under_tcg_crun_runs_unrandomized_and_every_container_process_keeps_aslr
         console = "".join(p.read_text(errors="replace") for p in env.state_dir.rglob("console.log"))
         assert "crun runs without address randomisation (TCG)" in console
     finally:
-        ctr("task", "kill", "-s", "SIGKILL", "aslr1", check=False)
-        deadline = time.monotonic() + 30
-        while ctr("task", "rm", "aslr1", check=False).returncode and time.monotonic() < deadline:
-            time.sleep(0.2)
-        ctr("container", "rm", "aslr1", check=False)
+        env.remove_container("aslr1")
     assert env.wait_clean() == []
 
 

@@ -5,7 +5,6 @@ helpers never join it, so no guest can time what another pod's pages hold."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,16 +50,6 @@ def _run_pod(env: Env, name: str) -> None:
     env.containerd.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX, name, "sleep", "600")
 
 
-def _remove_pod(env: Env, name: str) -> None:
-    env.containerd.ctr("task", "kill", "-s", "SIGKILL", name, check=False)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if env.containerd.ctr("task", "rm", name, check=False).returncode == 0:
-            break
-        time.sleep(0.2)
-    env.containerd.ctr("container", "rm", name, check=False)
-
-
 def test_the_daemon_offers_its_memory_and_the_vm_does_not(env: Env) -> None:
     _run_pod(env, "ksm1")
     try:
@@ -76,7 +65,7 @@ def test_the_daemon_offers_its_memory_and_the_vm_does_not(env: Env) -> None:
         for pid, cmdline in helpers.items():
             assert mergeable_kib(pid) == 0, f"mergeable memory in {cmdline[:120]}"
     finally:
-        _remove_pod(env, "ksm1")
+        env.remove_container("ksm1")
     assert env.leftovers() == []
 
 
@@ -88,5 +77,5 @@ def test_daemon_ksm_off_leaves_the_daemon_unmarked() -> None:
             assert len(daemons) == 1
             assert mergeable_kib(daemons[0]) == 0
         finally:
-            _remove_pod(env, "ksm2")
+            env.remove_container("ksm2")
         assert env.leftovers() == []
